@@ -1,0 +1,106 @@
+"""Exceptions raised by alembic-sgp-lock.
+
+Every exception derives from :class:`MigrationLockError`, itself an Alembic
+``CommandError``, so the stock ``alembic`` command prints ``FAILED: <message>``
+instead of a traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alembic.util import CommandError
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """The database session that holds the migration lock, as far as the server reports it."""
+
+    pid: int | None = None
+    application_name: str | None = None
+    client_address: str | None = None
+    held_seconds: float | None = None
+    description: str | None = None
+
+    def __str__(self) -> str:
+        parts = []
+        if self.pid is not None:
+            parts.append(f"pid {self.pid}")
+        if self.application_name:
+            parts.append(f"application {self.application_name!r}")
+        if self.client_address:
+            parts.append(f"client {self.client_address}")
+        if self.held_seconds is not None:
+            parts.append(f"held for {self.held_seconds:.1f} s")
+        if self.description:
+            parts.append(self.description)
+        return ", ".join(parts) if parts else "an unknown session"
+
+
+class MigrationLockError(CommandError):
+    """Root of every error that alembic-sgp-lock raises."""
+
+
+class InvalidSettingError(MigrationLockError, ValueError):
+    """A setting has a value that cannot be used."""
+
+    def __init__(self, name: str, value: str, accepted: str) -> None:
+        self.name = name
+        self.value = value
+        self.accepted = accepted
+        super().__init__(f"{name}={value!r} is invalid: {accepted}")
+
+
+class UnsupportedDialectError(MigrationLockError):
+    """The database has no lock backend."""
+
+    def __init__(self, dialect: str) -> None:
+        self.dialect = dialect
+        super().__init__(
+            f"alembic-sgp-lock has no migration lock for the {dialect!r} dialect; "
+            "supported are postgresql, mysql, mariadb and sqlite. "
+            "Set MIGRATION_LOCK=false to run migrations without a lock."
+        )
+
+
+class LockTimeoutError(MigrationLockError, TimeoutError):
+    """The migration lock was not acquired within the allowed time."""
+
+    def __init__(self, lock_name: str, waited_seconds: float, holder: LockHolder | None) -> None:
+        self.lock_name = lock_name
+        self.waited_seconds = waited_seconds
+        self.holder = holder
+        held_by = str(holder) if holder is not None else "a session that has since released it"
+        super().__init__(
+            f"Timed out after {waited_seconds:.1f} s waiting for the migration lock "
+            f"{lock_name}, held by {held_by}. Wait for that migration to finish, "
+            "or raise MIGRATION_LOCK_TIMEOUT and MIGRATION_MAX_WAIT_TIME."
+        )
+
+
+class LockReleaseError(MigrationLockError):
+    """The server reported that the migration lock was not held when it was released."""
+
+    def __init__(self, lock_name: str) -> None:
+        self.lock_name = lock_name
+        super().__init__(
+            f"Releasing the migration lock {lock_name} failed: the server reports that this "
+            "session did not hold it. The connection was closed; check that migrations do not "
+            "go through a pooler in transaction mode."
+        )
+
+
+class RetriesExhaustedError(MigrationLockError):
+    """Every allowed attempt failed with a transient error."""
+
+    def __init__(self, attempts: int, elapsed_seconds: float, last_error: BaseException) -> None:
+        self.attempts = attempts
+        self.elapsed_seconds = elapsed_seconds
+        self.last_error = last_error
+        summary = str(last_error).strip().splitlines()[0] if str(last_error).strip() else ""
+        super().__init__(
+            f"Migration failed after {attempts} attempt(s) in {elapsed_seconds:.1f} s; "
+            f"last error: {type(last_error).__name__}: {summary}. "
+            "Check that the database is reachable, or raise MIGRATION_MAX_RETRIES and "
+            "MIGRATION_MAX_WAIT_TIME."
+        )

@@ -1,0 +1,184 @@
+"""PostgreSQL lock backend: a session-level advisory lock on the migration connection.
+
+Waiters poll ``pg_try_advisory_lock`` in short transactions, so no waiter holds
+a snapshot that a holder's ``CREATE INDEX CONCURRENTLY`` would wait for. With
+psycopg2 a waiter also LISTENs on a channel that the holder NOTIFYs when it
+releases, so the next waiter wakes within milliseconds instead of at its next
+poll.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import select
+import time
+from collections.abc import Hashable
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from . import _compat
+from ._backend import stable_hash64
+from ._errors import LockHolder
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+# PostgreSQL truncates application_name to 63 bytes (NAMEDATALEN - 1).
+APPLICATION_NAME_MAX_BYTES = 63
+HOLDER_TAG = re.compile(r"\s*\[alembic-sgp-lock since (\d+)\]$")
+
+# Without a notification a waiter polls at a random interval in this range
+# (seconds). With LISTEN it waits up to the upper bound for a notification and
+# then polls anyway, in case the holder died without notifying.
+POLL_INTERVAL = (0.01, 0.05)
+NOTIFY_WAIT_MAX = 0.5
+
+
+def lock_key(key_text: str, explicit_name: str | None) -> int:
+    """Return the advisory lock key: an explicit 64-bit integer name as is, else a stable hash."""
+    if explicit_name is not None:
+        try:
+            value = int(explicit_name)
+        except ValueError:
+            pass
+        else:
+            if INT64_MIN <= value <= INT64_MAX:
+                return value
+    return stable_hash64(key_text)
+
+
+def _tagged_application_name(original: str, since_epoch: int) -> str:
+    tag = f" [alembic-sgp-lock since {since_epoch}]"
+    room = APPLICATION_NAME_MAX_BYTES - len(tag)
+    prefix = original.encode("ascii", "replace")[:room].decode("ascii")
+    return (prefix + tag).strip()
+
+
+class PostgresAdvisoryLock:
+    """Session-level ``pg_advisory_lock`` keyed by a signed 64-bit integer."""
+
+    def __init__(self, connection: Connection, key_text: str, explicit_name: str | None) -> None:
+        self.key = lock_key(key_text, explicit_name)
+        unsigned = self.key & 0xFFFFFFFFFFFFFFFF
+        # pg_locks shows a bigint advisory key as two oids and objsubid 1.
+        self.classid = unsigned >> 32
+        self.objid = unsigned & 0xFFFFFFFF
+        self.channel = f"alembic_sgp_lock_{unsigned:016x}"
+        self.name = f"postgresql advisory lock {self.key} ({key_text})"
+        url = connection.engine.url
+        self.identity: Hashable = ("postgresql", url.host, url.port, url.database, self.key)
+        self._original_application_name: str | None = None
+        self._listening = False
+
+    def try_acquire(self, connection: Connection) -> bool:
+        with connection.begin():
+            acquired = connection.execute(
+                text("SELECT pg_try_advisory_lock(:key)"), {"key": self.key}
+            ).scalar()
+            if not acquired:
+                return False
+            # Tag application_name so that pg_stat_activity shows who migrates
+            # and since when; release() restores the original value.
+            row = connection.execute(
+                text(
+                    "SELECT current_setting('application_name'), "
+                    "floor(extract(epoch FROM clock_timestamp()))::bigint"
+                )
+            ).one()
+            self._original_application_name = row[0]
+            connection.execute(
+                text("SELECT set_config('application_name', :name, false)"),
+                {"name": _tagged_application_name(row[0], int(row[1]))},
+            )
+        return True
+
+    def wait(self, connection: Connection, seconds: float) -> None:
+        driver_connection = _compat.dbapi_connection(connection)
+        if not hasattr(driver_connection, "notifies") or not hasattr(driver_connection, "poll"):
+            time.sleep(min(seconds, random.uniform(*POLL_INTERVAL)))
+            return
+        if not self._listening:
+            with connection.begin():
+                connection.execute(text(f'LISTEN "{self.channel}"'))
+            self._listening = True
+            # A release between the caller's failed try and LISTEN sent no
+            # notification to this session, so return for one more try.
+            return
+        if not driver_connection.notifies:
+            timeout = min(seconds, random.uniform(NOTIFY_WAIT_MAX / 2, NOTIFY_WAIT_MAX))
+            readable, _, _ = select.select([driver_connection], [], [], timeout)
+            if readable:
+                driver_connection.poll()
+        driver_connection.notifies.clear()
+
+    def stop_waiting(self, connection: Connection) -> None:
+        if not self._listening:
+            return
+        self._listening = False
+        with connection.begin():
+            connection.execute(text(f'UNLISTEN "{self.channel}"'))
+        driver_connection = _compat.dbapi_connection(connection)
+        notifies = getattr(driver_connection, "notifies", None)
+        if notifies is not None:
+            notifies.clear()
+
+    def release(self, connection: Connection) -> bool:
+        with connection.begin():
+            released = bool(
+                connection.execute(
+                    text("SELECT pg_advisory_unlock(:key)"), {"key": self.key}
+                ).scalar()
+            )
+            if self._original_application_name is not None:
+                connection.execute(
+                    text("SELECT set_config('application_name', :name, false)"),
+                    {"name": self._original_application_name},
+                )
+                self._original_application_name = None
+            connection.execute(text("SELECT pg_notify(:channel, '')"), {"channel": self.channel})
+        return released
+
+    def holder(self, connection: Connection) -> LockHolder | None:
+        with connection.begin():
+            row = connection.execute(
+                text(
+                    "SELECT a.pid, a.application_name, host(a.client_addr), a.client_port, "
+                    "extract(epoch FROM clock_timestamp())::float8, a.state, "
+                    "left(a.query, 120) "
+                    "FROM pg_catalog.pg_locks l "
+                    "JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid "
+                    "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+                    "AND l.classid = CAST(:classid AS oid) AND l.objid = CAST(:objid AS oid) "
+                    "AND l.database = (SELECT oid FROM pg_catalog.pg_database "
+                    "WHERE datname = current_database())"
+                ),
+                {"classid": self.classid, "objid": self.objid},
+            ).first()
+        if row is None:
+            return None
+        pid, application_name, client_host, client_port, now_epoch, state, query = row
+        held_seconds = None
+        if application_name:
+            match = HOLDER_TAG.search(application_name)
+            if match:
+                held_seconds = max(0.0, float(now_epoch) - int(match.group(1)))
+                application_name = application_name[: match.start()]
+        client = None
+        if client_host is not None:
+            client = f"{client_host}:{client_port}" if client_port is not None else client_host
+        elif client_port == -1 or client_port is None:
+            client = "local socket" if state is not None else None
+        description = None
+        if state:
+            description = f"state {state}"
+            if query:
+                description += f", last statement {query.strip()!r}"
+        return LockHolder(
+            pid=int(pid),
+            application_name=application_name or None,
+            client_address=client,
+            held_seconds=held_seconds,
+            description=description,
+        )

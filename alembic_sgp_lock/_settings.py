@@ -1,0 +1,131 @@
+"""Settings read once from ``MIGRATION_*`` environment variables and validated up front."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ._errors import InvalidSettingError
+
+TRUE_SPELLINGS = frozenset({"1", "true", "yes", "on"})
+FALSE_SPELLINGS = frozenset({"0", "false", "no", "off"})
+BOOLEAN_HELP = "use one of true, false, 1, 0, yes, no, on, off (case-insensitive)"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings of one migration run.
+
+    Times are in seconds. ``retry_backoff`` is stored in seconds although its
+    environment variable is given in milliseconds.
+    """
+
+    run_migrations: bool = True
+    max_retries: int = 3
+    lock_timeout: float = 30.0
+    max_wait_time: float = 60.0
+    retry_backoff: float = 1.0
+    lock_enabled: bool = True
+    lock_name: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read the settings from ``environ`` (default: ``os.environ``).
+
+        An unset variable takes its default. A set one, even if empty, must be
+        valid. Raises :class:`InvalidSettingError` naming the first invalid one.
+        """
+        env = os.environ if environ is None else environ
+        defaults = cls()
+        return cls(
+            run_migrations=_boolean(env, "RUN_MIGRATIONS", defaults.run_migrations),
+            max_retries=_count(env, "MIGRATION_MAX_RETRIES", defaults.max_retries),
+            lock_timeout=_seconds(
+                env, "MIGRATION_LOCK_TIMEOUT", defaults.lock_timeout, allow_zero=True
+            ),
+            max_wait_time=_seconds(
+                env, "MIGRATION_MAX_WAIT_TIME", defaults.max_wait_time, allow_zero=False
+            ),
+            retry_backoff=_milliseconds(env, "MIGRATION_RETRY_BACKOFF", defaults.retry_backoff),
+            lock_enabled=_boolean(env, "MIGRATION_LOCK", defaults.lock_enabled),
+            lock_name=_lock_name(env, "MIGRATION_LOCK_NAME"),
+        )
+
+
+def parse_boolean(name: str, raw: str) -> bool:
+    """Parse ``raw`` with the one set of boolean spellings that every setting accepts."""
+    value = raw.strip().lower()
+    if value in TRUE_SPELLINGS:
+        return True
+    if value in FALSE_SPELLINGS:
+        return False
+    raise InvalidSettingError(name, raw, BOOLEAN_HELP)
+
+
+def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    return default if raw is None else parse_boolean(name, raw)
+
+
+def _count(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise InvalidSettingError(
+            name, raw, "use a whole number of 0 or more, such as 3"
+        ) from None
+    if value < 0:
+        raise InvalidSettingError(name, raw, "use a whole number of 0 or more, such as 3")
+    return value
+
+
+def _number(env: Mapping[str, str], name: str, accepted: str) -> float | None:
+    raw = env.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise InvalidSettingError(name, raw, accepted) from None
+    if not math.isfinite(value):
+        raise InvalidSettingError(name, raw, accepted)
+    return value
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float, *, allow_zero: bool) -> float:
+    if allow_zero:
+        accepted = "use a number of seconds of 0 or more, such as 30 (0 tries once, no wait)"
+    else:
+        accepted = "use a number of seconds greater than 0, such as 60"
+    value = _number(env, name, accepted)
+    if value is None:
+        return default
+    if value < 0 or (value == 0 and not allow_zero):
+        raise InvalidSettingError(name, env[name], accepted)
+    return value
+
+
+def _milliseconds(env: Mapping[str, str], name: str, default_seconds: float) -> float:
+    accepted = "use a number of milliseconds of 0 or more, such as 1000"
+    value = _number(env, name, accepted)
+    if value is None:
+        return default_seconds
+    if value < 0:
+        raise InvalidSettingError(name, env[name], accepted)
+    return value / 1000.0
+
+
+def _lock_name(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name)
+    if raw is None:
+        return None
+    if not raw.strip():
+        raise InvalidSettingError(
+            name, raw, "use a non-empty name, or unset it to name the lock after the version table"
+        )
+    return raw.strip()
