@@ -1,0 +1,88 @@
+"""Fixtures: a fresh database per test on the real servers, and Alembic projects on disk.
+
+Server URLs come from ``POSTGRES_ADMIN_URL`` and ``MYSQL_ADMIN_URL``. When a
+server is unreachable its tests fail under CI (``CI`` set) and skip elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, make_url
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "POSTGRES_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+)
+MYSQL_ADMIN_URL = os.environ.get("MYSQL_ADMIN_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+
+
+def _unreachable(server: str, url: URL, error: Exception) -> None:
+    message = f"{server} at {url.render_as_string(hide_password=True)} is unreachable: {error}"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def _server_version(url: str) -> str:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            return str(connection.execute(sa.text("SELECT version()")).scalar())
+    except Exception as error:
+        return f"unreachable ({type(error).__name__})"
+    finally:
+        engine.dispose()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return [
+        f"postgresql: {_server_version(POSTGRES_ADMIN_URL)}",
+        f"mysql: {_server_version(MYSQL_ADMIN_URL)}",
+        f"sqlalchemy: {sa.__version__}",
+    ]
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """Create a fresh PostgreSQL database; yield its URL and drop it afterwards."""
+    admin_url = make_url(POSTGRES_ADMIN_URL)
+    name = f"sgp_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(admin_url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as error:
+        admin.dispose()
+        _unreachable("PostgreSQL", admin_url, error)
+    yield admin_url.set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def mysql_url() -> Iterator[str]:
+    """Create a fresh MariaDB/MySQL database; yield its URL and drop it afterwards."""
+    admin_url = make_url(MYSQL_ADMIN_URL)
+    name = f"sgp_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(admin_url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f"CREATE DATABASE `{name}`"))
+    except sa.exc.OperationalError as error:
+        admin.dispose()
+        _unreachable("MariaDB", admin_url, error)
+    yield admin_url.set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as connection:
+        connection.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
+    admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: os.PathLike[str]) -> str:
+    """Return the URL of a SQLite file in the test's temporary folder."""
+    return f"sqlite:///{os.path.join(tmp_path, 'app.db')}"
