@@ -1,0 +1,112 @@
+"""Settings read from the environment: defaults, valid values and rejected values."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from alembic_sgp_lock import InvalidSettingError, Settings
+from tests.support import REPO_ROOT
+
+
+def test_defaults_when_unset() -> None:
+    settings = Settings.from_env({})
+
+    assert settings.run_migrations is True
+    assert settings.max_retries == 3
+    assert settings.lock_timeout == 30.0
+    assert settings.max_wait_time == 60.0
+    assert settings.retry_backoff == 1.0
+    assert settings.lock_enabled is True
+    assert settings.lock_name is None
+
+
+def test_valid_values() -> None:
+    settings = Settings.from_env(
+        {
+            "RUN_MIGRATIONS": "No",
+            "MIGRATION_MAX_RETRIES": " 0 ",
+            "MIGRATION_LOCK_TIMEOUT": "2.5",
+            "MIGRATION_MAX_WAIT_TIME": "600",
+            "MIGRATION_RETRY_BACKOFF": "250",
+            "MIGRATION_LOCK": "off",
+            "MIGRATION_LOCK_NAME": "billing-migrations",
+        }
+    )
+
+    assert settings.run_migrations is False
+    assert settings.max_retries == 0
+    assert settings.lock_timeout == 2.5
+    assert settings.max_wait_time == 600.0
+    assert settings.retry_backoff == 0.25
+    assert settings.lock_enabled is False
+    assert settings.lock_name == "billing-migrations"
+
+
+def test_zero_lock_timeout_means_try_once() -> None:
+    assert Settings.from_env({"MIGRATION_LOCK_TIMEOUT": "0"}).lock_timeout == 0.0
+
+
+@pytest.mark.parametrize("spelling", ["1", "true", "TRUE", "yes", "On"])
+def test_boolean_true_spellings(spelling: str) -> None:
+    assert Settings.from_env({"RUN_MIGRATIONS": spelling}).run_migrations is True
+
+
+@pytest.mark.parametrize("spelling", ["0", "false", "False", "no", "OFF"])
+def test_boolean_false_spellings(spelling: str) -> None:
+    assert Settings.from_env({"RUN_MIGRATIONS": spelling}).run_migrations is False
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "accepted"),
+    [
+        ("RUN_MIGRATIONS", "abc", "use one of true, false"),
+        ("RUN_MIGRATIONS", "", "use one of true, false"),
+        ("MIGRATION_LOCK", "enabled", "use one of true, false"),
+        ("MIGRATION_MAX_RETRIES", "abc", "whole number of 0 or more"),
+        ("MIGRATION_MAX_RETRIES", "-1", "whole number of 0 or more"),
+        ("MIGRATION_MAX_RETRIES", "", "whole number of 0 or more"),
+        ("MIGRATION_MAX_RETRIES", "2.5", "whole number of 0 or more"),
+        ("MIGRATION_LOCK_TIMEOUT", "abc", "seconds of 0 or more"),
+        ("MIGRATION_LOCK_TIMEOUT", "-5", "seconds of 0 or more"),
+        ("MIGRATION_LOCK_TIMEOUT", "", "seconds of 0 or more"),
+        ("MIGRATION_LOCK_TIMEOUT", "nan", "seconds of 0 or more"),
+        ("MIGRATION_MAX_WAIT_TIME", "abc", "greater than 0"),
+        ("MIGRATION_MAX_WAIT_TIME", "-1", "greater than 0"),
+        ("MIGRATION_MAX_WAIT_TIME", "0", "greater than 0"),
+        ("MIGRATION_MAX_WAIT_TIME", "", "greater than 0"),
+        ("MIGRATION_MAX_WAIT_TIME", "inf", "greater than 0"),
+        ("MIGRATION_RETRY_BACKOFF", "abc", "milliseconds of 0 or more"),
+        ("MIGRATION_RETRY_BACKOFF", "-100", "milliseconds of 0 or more"),
+        ("MIGRATION_RETRY_BACKOFF", "", "milliseconds of 0 or more"),
+        ("MIGRATION_LOCK_NAME", "", "non-empty name"),
+        ("MIGRATION_LOCK_NAME", "   ", "non-empty name"),
+    ],
+)
+def test_invalid_value_names_variable(variable: str, value: str, accepted: str) -> None:
+    with pytest.raises(InvalidSettingError) as raised:
+        Settings.from_env({variable: value})
+
+    error = raised.value
+    assert error.name == variable
+    assert error.value == value
+    assert str(error).startswith(f"{variable}={value!r} is invalid")
+    assert accepted in str(error)
+
+
+def test_readme_defaults_match_code() -> None:
+    readme = (REPO_ROOT / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([A-Z_]+)` \| [^|]+\| `([^`]*)` \|$", readme, re.MULTILINE))
+    defaults = Settings()
+
+    assert rows["RUN_MIGRATIONS"] == "true"
+    assert defaults.run_migrations is True
+    assert int(rows["MIGRATION_MAX_RETRIES"]) == defaults.max_retries
+    assert float(rows["MIGRATION_LOCK_TIMEOUT"]) == defaults.lock_timeout
+    assert float(rows["MIGRATION_MAX_WAIT_TIME"]) == defaults.max_wait_time
+    assert float(rows["MIGRATION_RETRY_BACKOFF"]) / 1000 == defaults.retry_backoff
+    assert rows["MIGRATION_LOCK"] == "true"
+    assert defaults.lock_enabled is True
+    assert rows["MIGRATION_LOCK_NAME"] == "unset"
+    assert defaults.lock_name is None
