@@ -35,8 +35,10 @@ def _acquire(backend: LockBackend, connection: Connection, timeout: float) -> fl
     started = time.monotonic()
     give_up_at = started + timeout
     logger.info("Acquiring %s (timeout %.1f s)", backend.name, timeout)
+    failed = True
     try:
         if backend.try_acquire(connection):
+            failed = False
             return time.monotonic() - started
         holder = backend.holder(connection)
         logger.info("Waiting for %s, held by %s", backend.name, holder or JUST_RELEASED)
@@ -57,9 +59,16 @@ def _acquire(backend: LockBackend, connection: Connection, timeout: float) -> fl
                 next_report = now + WAIT_REPORT_INTERVAL
             backend.wait(connection, give_up_at - now)
             if backend.try_acquire(connection):
+                failed = False
                 return time.monotonic() - started
     finally:
-        backend.stop_waiting(connection)
+        try:
+            backend.stop_waiting(connection)
+        except Exception:
+            # Keep the error that ended the wait, such as a lost connection.
+            if not failed:
+                raise
+            logger.debug("Could not stop waiting for %s", backend.name, exc_info=True)
 
 
 def _release(backend: LockBackend, connection: Connection, held_since: float) -> None:
