@@ -3,6 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from ._errors import (
+    ChecksumMismatchError,
     InvalidSettingError,
     LockHolder,
     LockReleaseError,
@@ -21,6 +22,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
+    "ChecksumMismatchError",
     "InvalidSettingError",
     "LockHolder",
     "LockReleaseError",

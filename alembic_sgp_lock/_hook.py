@@ -7,13 +7,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import sqlalchemy as sa
 from alembic import context
 from alembic.runtime.migration import MigrationInfo
 from sqlalchemy import engine_from_config, pool
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from . import _compat
-from ._errors import MigrationLockError
+from ._errors import ChecksumMismatchError, MigrationLockError
+from ._ledger import Ledger, StepRecorder, format_drift, utc_now
 from ._lock import commit_open_transaction, hold_lock
 from ._log import logger
 from ._retry import Attempt, run_with_retries
@@ -122,7 +124,11 @@ def _run_online(
         with engine.connect() as connection:
             try:
                 heads = read_heads(connection, version_table, version_table_schema)
-                if settings.lock_enabled and _compat.pending_steps(environment, heads) == 0:
+                if (
+                    settings.lock_enabled
+                    and _compat.pending_steps(environment, heads) == 0
+                    and not _ledger_needs_baseline(connection, settings, version_table_schema)
+                ):
                     logger.info(
                         "Database is already at %s; nothing to migrate, lock not taken",
                         format_heads(heads),
@@ -146,6 +152,7 @@ def _run_online(
                         attempt,
                         version_table,
                         version_table_schema,
+                        settings,
                     )
             except BaseException:
                 # Never hand a connection in an unknown state back to a pool.
@@ -166,6 +173,17 @@ class _unlocked:
         return None
 
 
+def _ledger_needs_baseline(
+    connection: Connection, settings: Settings, version_table_schema: str | None
+) -> bool:
+    if not settings.ledger:
+        return False
+    with connection.begin():
+        return not sa.inspect(connection).has_table(
+            settings.ledger_table, schema=version_table_schema
+        )
+
+
 def _migrate_under_lock(
     connection: Connection,
     target_metadata: Any,
@@ -173,12 +191,19 @@ def _migrate_under_lock(
     attempt: Attempt,
     version_table: str,
     version_table_schema: str | None,
+    settings: Settings,
 ) -> None:
     # Another instance may have migrated while this one waited.
     heads_before = read_heads(connection, version_table, version_table_schema)
     logger.info("Revision before migrating: %s", format_heads(heads_before))
+    ledger = None
+    if settings.ledger:
+        ledger = Ledger(settings.ledger_table, version_table_schema, context.script)
+        _check_checksums(connection, ledger, heads_before, settings)
+        ledger.prepare(connection, heads_before)
     started = time.monotonic()
-    _configure_and_run(connection, target_metadata, configure_options, attempt)
+    recorder = ledger.step_recorder() if ledger is not None else None
+    _configure_and_run(connection, target_metadata, configure_options, attempt, recorder)
     commit_open_transaction(connection)
     heads_after = read_heads(connection, version_table, version_table_schema)
     logger.info(
@@ -188,14 +213,27 @@ def _migrate_under_lock(
     )
 
 
+def _check_checksums(
+    connection: Connection, ledger: Ledger, heads: tuple[str, ...], settings: Settings
+) -> None:
+    drift = ledger.checksum_drift(connection, heads)
+    if not drift:
+        return
+    details = format_drift(drift)
+    if settings.on_checksum_mismatch == "fail":
+        raise ChecksumMismatchError([item.revision for item in drift], details)
+    logger.warning("Applied revision file(s) changed since they were applied:\n%s", details)
+
+
 def _configure_and_run(
     connection: Connection,
     target_metadata: Any,
     configure_options: dict[str, Any],
     attempt: Attempt | None,
+    recorder: StepRecorder | None = None,
 ) -> None:
     options = dict(configure_options)
-    options["on_version_apply"] = _step_logger(options.get("on_version_apply"))
+    options["on_version_apply"] = _step_logger(options.get("on_version_apply"), recorder)
     context.configure(connection=connection, target_metadata=target_metadata, **options)
     if attempt is not None:
         attempt.transactional_ddl = bool(context.get_context().impl.transactional_ddl)
@@ -204,19 +242,26 @@ def _configure_and_run(
         context.run_migrations()
 
 
-def _step_logger(user_callback: Callable[..., None] | None) -> Callable[..., None]:
-    last_step_end = [time.monotonic()]
+def _step_logger(
+    user_callback: Callable[..., None] | None, recorder: StepRecorder | None
+) -> Callable[..., None]:
+    step_started = time.monotonic()
+    step_started_at = utc_now()
 
     def on_version_apply(
         *, ctx: Any, step: MigrationInfo, heads: set[str], run_args: dict[str, Any]
     ) -> None:
-        now = time.monotonic()
+        nonlocal step_started, step_started_at
+        duration = time.monotonic() - step_started
         source = ", ".join(step.source_revision_ids) or "base"
         destination = ", ".join(step.destination_revision_ids) or "base"
         kind = "stamp" if step.is_stamp else "upgrade" if step.is_upgrade else "downgrade"
-        duration = now - last_step_end[0]
         logger.info("Applied %s %s -> %s in %.2f s", kind, source, destination, duration)
-        last_step_end[0] = now
+        if recorder is not None:
+            # The migration's own connection, so the row shares the revision's transaction.
+            recorder(ctx.connection, step, step_started_at, duration)
+        step_started = time.monotonic()
+        step_started_at = utc_now()
         if user_callback is not None:
             user_callback(ctx=ctx, step=step, heads=heads, run_args=run_args)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -12,6 +13,9 @@ from ._errors import InvalidSettingError
 TRUE_SPELLINGS = frozenset({"1", "true", "yes", "on"})
 FALSE_SPELLINGS = frozenset({"0", "false", "no", "off"})
 BOOLEAN_HELP = "use one of true, false, 1, 0, yes, no, on, off (case-insensitive)"
+# A table name that needs no quoting on PostgreSQL, MySQL and SQLite alike.
+TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+CHECKSUM_MISMATCH_POLICIES = ("warn", "fail")
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,9 @@ class Settings:
     retry_backoff: float = 1.0
     lock_enabled: bool = True
     lock_name: str | None = None
+    ledger: bool = False
+    ledger_table: str = "alembic_sgp_ledger"
+    on_checksum_mismatch: str = "warn"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -51,6 +58,14 @@ class Settings:
             retry_backoff=_milliseconds(env, "MIGRATION_RETRY_BACKOFF", defaults.retry_backoff),
             lock_enabled=_boolean(env, "MIGRATION_LOCK", defaults.lock_enabled),
             lock_name=_lock_name(env, "MIGRATION_LOCK_NAME"),
+            ledger=_boolean(env, "MIGRATION_LEDGER", defaults.ledger),
+            ledger_table=_table_name(env, "MIGRATION_LEDGER_TABLE", defaults.ledger_table),
+            on_checksum_mismatch=_choice(
+                env,
+                "MIGRATION_ON_CHECKSUM_MISMATCH",
+                CHECKSUM_MISMATCH_POLICIES,
+                defaults.on_checksum_mismatch,
+            ),
         )
 
 
@@ -129,3 +144,27 @@ def _lock_name(env: Mapping[str, str], name: str) -> str | None:
             name, raw, "use a non-empty name, or unset it to name the lock after the version table"
         )
     return raw.strip()
+
+
+def _table_name(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    if not TABLE_NAME.fullmatch(raw):
+        raise InvalidSettingError(
+            name,
+            raw,
+            "use 1 to 63 letters, digits or underscores, not starting with a digit, "
+            f"such as {default}",
+        )
+    return raw
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value not in choices:
+        raise InvalidSettingError(name, raw, f"use one of {', '.join(choices)}")
+    return value

@@ -1,0 +1,166 @@
+"""The revision ledger on real databases: rows per step, baseline, checksum drift."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tests.support import EXAMPLE_HEAD, EXAMPLE_REVISIONS, Project, make_project, read_state
+
+DATABASES = [
+    pytest.param("pg_url", marks=pytest.mark.postgresql, id="postgresql"),
+    pytest.param("sqlite_url", id="sqlite"),
+    pytest.param("mysql_url", marks=pytest.mark.mysql, id="mariadb"),
+]
+
+
+@pytest.fixture(params=DATABASES)
+def database_url(request: pytest.FixtureRequest) -> str:
+    return str(request.getfixturevalue(request.param))
+
+
+def ledger_rows(url: str) -> list[dict[str, object]]:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            result = connection.execute(sa.text("SELECT * FROM alembic_sgp_ledger ORDER BY id"))
+            return [dict(row._mapping) for row in result]
+    finally:
+        engine.dispose()
+
+
+def revision_file(project: Project, revision: str) -> Path:
+    return next((project.path / "migrations" / "versions").glob(f"{revision}_*.py"))
+
+
+def test_concurrent_upgrade_one_row_per_step(tmp_path: Path, database_url: str) -> None:
+    project = make_project(tmp_path, database_url)
+
+    processes = [project.start("upgrade", "head", MIGRATION_LEDGER="true") for _ in range(8)]
+    outputs = [process.communicate(timeout=180)[0] for process in processes]
+
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output
+    rows = ledger_rows(database_url)
+    assert [row["revision"] for row in rows] == list(EXAMPLE_REVISIONS)
+    assert {row["direction"] for row in rows} == {"upgrade"}
+    assert {row["outcome"] for row in rows} == {"applied"}
+    for row in rows:
+        assert str(row["checksum"]).startswith("sha256:")
+        assert row["host"]
+        assert row["pid"]
+        assert row["started_at"] is not None
+        assert row["finished_at"] is not None
+        assert float(row["duration_ms"]) >= 0  # type: ignore[arg-type]
+        assert row["alembic_version"]
+        assert row["plugin_version"]
+    assert read_state(database_url).customers == 1
+
+
+def test_baseline_for_database_migrated_before(tmp_path: Path, database_url: str) -> None:
+    project = make_project(tmp_path, database_url)
+    assert project.run("upgrade", "head").returncode == 0
+
+    finished = project.run("upgrade", "head", MIGRATION_LEDGER="true")
+
+    assert finished.returncode == 0, finished.output
+    rows = ledger_rows(database_url)
+    assert [row["revision"] for row in rows] == list(EXAMPLE_REVISIONS)
+    assert {row["direction"] for row in rows} == {"baseline"}
+    assert all("before the ledger existed" in str(row["note"]) for row in rows)
+
+
+def test_downgrade_recorded(tmp_path: Path, database_url: str) -> None:
+    project = make_project(tmp_path, database_url)
+    assert project.run("upgrade", "head", MIGRATION_LEDGER="true").returncode == 0
+
+    finished = project.run("downgrade", "-1", MIGRATION_LEDGER="true")
+
+    assert finished.returncode == 0, finished.output
+    last = ledger_rows(database_url)[-1]
+    assert last["direction"] == "downgrade"
+    assert last["revision"] == EXAMPLE_HEAD
+    assert read_state(database_url).versions == [EXAMPLE_REVISIONS[1]]
+
+
+@pytest.mark.parametrize(
+    "rewrite",
+    [
+        pytest.param(lambda data: data.replace(b"\n", b"\r\n"), id="crlf"),
+        pytest.param(lambda data: b"\xef\xbb\xbf" + data, id="bom"),
+        pytest.param(lambda data: data.replace(b"\n", b"   \n"), id="trailing-spaces"),
+    ],
+)
+def test_cosmetic_change_not_drift(tmp_path: Path, sqlite_url: str, rewrite) -> None:  # type: ignore[no-untyped-def]
+    project = make_project(tmp_path, sqlite_url)
+    assert project.run("upgrade", EXAMPLE_REVISIONS[1], MIGRATION_LEDGER="true").returncode == 0
+    path = revision_file(project, EXAMPLE_REVISIONS[0])
+    path.write_bytes(rewrite(path.read_bytes()))
+
+    finished = project.run(
+        "upgrade", "head", MIGRATION_LEDGER="true", MIGRATION_ON_CHECKSUM_MISMATCH="fail"
+    )
+
+    assert finished.returncode == 0, finished.output
+    assert "changed after" not in finished.output
+    assert read_state(sqlite_url).versions == [EXAMPLE_HEAD]
+
+
+def edit_first_revision(project: Project) -> None:
+    path = revision_file(project, EXAMPLE_REVISIONS[0])
+    path.write_text(path.read_text().replace("sa.String(100)", "sa.String(200)"))
+
+
+def test_real_edit_warns(tmp_path: Path, database_url: str) -> None:
+    project = make_project(tmp_path, database_url)
+    assert project.run("upgrade", EXAMPLE_REVISIONS[1], MIGRATION_LEDGER="true").returncode == 0
+    edit_first_revision(project)
+
+    finished = project.run("upgrade", "head", MIGRATION_LEDGER="true")
+
+    assert finished.returncode == 0, finished.output
+    assert "WARNI" in finished.output
+    assert f"{EXAMPLE_REVISIONS[0]} (" in finished.output
+    assert "changed after it was applied at" in finished.output
+    assert read_state(database_url).versions == [EXAMPLE_HEAD]
+
+
+def test_real_edit_fails_when_policy_fail(tmp_path: Path, database_url: str) -> None:
+    project = make_project(tmp_path, database_url)
+    assert project.run("upgrade", EXAMPLE_REVISIONS[1], MIGRATION_LEDGER="true").returncode == 0
+    edit_first_revision(project)
+    rows_before = ledger_rows(database_url)
+
+    finished = project.run(
+        "upgrade", "head", MIGRATION_LEDGER="true", MIGRATION_ON_CHECKSUM_MISMATCH="fail"
+    )
+
+    assert finished.returncode != 0
+    assert "Revision file(s) changed after they were applied: 1a0c7e2b9d01" in finished.output
+    assert "recorded sha256:" in finished.output
+    assert ", now sha256:" in finished.output
+    assert read_state(database_url).versions == [EXAMPLE_REVISIONS[1]]
+    assert ledger_rows(database_url) == rows_before
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("MIGRATION_LEDGER", "sometimes"),
+        ("MIGRATION_LEDGER_TABLE", "bad name"),
+        ("MIGRATION_LEDGER_TABLE", ""),
+        ("MIGRATION_ON_CHECKSUM_MISMATCH", "ignore"),
+    ],
+)
+def test_invalid_ledger_setting(
+    tmp_path: Path, sqlite_url: str, variable: str, value: str
+) -> None:
+    project = make_project(tmp_path, sqlite_url)
+
+    finished = project.run("upgrade", "head", **{variable: value})
+
+    assert finished.returncode != 0
+    assert f"{variable}={value!r} is invalid" in finished.output
+    assert read_state(sqlite_url).tables == set()
