@@ -341,3 +341,32 @@ def test_invalid_setting_leaves_database_untouched(
     assert f"{variable}={value!r} is invalid" in finished.output
     assert "Connecting to" not in finished.output
     assert read_state(pg_url).tables == set()
+
+
+def test_offline_mode_renders_sql_without_lock(tmp_path: Path, pg_url: str) -> None:
+    project = make_project(tmp_path, pg_url)
+
+    finished = project.run("upgrade", "head", "--sql")
+
+    assert finished.returncode == 0, finished.output
+    assert "CREATE TABLE customer" in finished.output
+    assert "INSERT INTO customer (id, name) VALUES (1, 'first customer')" in finished.output
+    assert "Offline (--sql) mode" in finished.output
+    assert "Acquiring" not in finished.output
+    assert read_state(pg_url).tables == set()
+
+
+def test_lost_lock_reported_at_release(tmp_path: Path, pg_url: str) -> None:
+    # A revision that drops every advisory lock of its session, as a
+    # transaction-mode pooler would by handing the session to someone else.
+    project = make_project(tmp_path, pg_url)
+    project.add_revision(
+        "7a6c3e8b5d67", EXAMPLE_HEAD, 'op.execute("SELECT pg_advisory_unlock_all()")'
+    )
+
+    finished = project.run("upgrade", "head", MIGRATION_MAX_RETRIES="0")
+
+    assert finished.returncode != 0
+    assert "the server reports that this session did not hold it" in finished.output
+    assert "The connection was closed" in finished.output
+    assert read_state(pg_url).versions == ["7a6c3e8b5d67"]
