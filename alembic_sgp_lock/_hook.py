@@ -16,6 +16,7 @@ from . import _compat
 from ._errors import MigrationLockError
 from ._lock import commit_open_transaction, hold_lock
 from ._log import logger
+from ._preflight import VersionTable, check_before_upgrade
 from ._retry import Attempt, run_with_retries
 from ._settings import Settings
 from ._state import format_heads, read_heads
@@ -66,7 +67,7 @@ def run_migrations(
 
 def _build_engine(url: str | None) -> Engine:
     config = context.config
-    options = dict(config.get_section(config.config_ini_section, {}))
+    options: dict[str, Any] = dict(config.get_section(config.config_ini_section, {}))
     if url is not None:
         options["sqlalchemy.url"] = url
     if not options.get("sqlalchemy.url"):
@@ -122,7 +123,14 @@ def _run_online(
         with engine.connect() as connection:
             try:
                 heads = read_heads(connection, version_table, version_table_schema)
-                if settings.lock_enabled and _compat.pending_steps(environment, heads) == 0:
+                # Duplicate rows look like "already at head" to Alembic; the
+                # pre-flight checks under the lock report them instead.
+                no_duplicates = len(set(heads)) == len(heads)
+                if (
+                    settings.lock_enabled
+                    and no_duplicates
+                    and _compat.pending_steps(environment, heads) == 0
+                ):
                     logger.info(
                         "Database is already at %s; nothing to migrate, lock not taken",
                         format_heads(heads),
@@ -146,6 +154,7 @@ def _run_online(
                         attempt,
                         version_table,
                         version_table_schema,
+                        settings,
                     )
             except BaseException:
                 # Never hand a connection in an unknown state back to a pool.
@@ -173,10 +182,25 @@ def _migrate_under_lock(
     attempt: Attempt,
     version_table: str,
     version_table_schema: str | None,
+    settings: Settings,
 ) -> None:
     # Another instance may have migrated while this one waited.
     heads_before = read_heads(connection, version_table, version_table_schema)
     logger.info("Revision before migrating: %s", format_heads(heads_before))
+    environment = _compat.current_environment()
+    if (
+        environment is not None
+        and _compat.command_name(environment) == "upgrade"
+        and not check_before_upgrade(
+            connection,
+            environment.script,
+            heads_before,
+            version_table=VersionTable(version_table, version_table_schema),
+            target=_compat.destination_revision(environment),
+            on_unknown_revision=settings.on_unknown_revision,
+        )
+    ):
+        return
     started = time.monotonic()
     _configure_and_run(connection, target_metadata, configure_options, attempt)
     commit_open_transaction(connection)

@@ -12,6 +12,7 @@ from ._errors import InvalidSettingError
 TRUE_SPELLINGS = frozenset({"1", "true", "yes", "on"})
 FALSE_SPELLINGS = frozenset({"0", "false", "no", "off"})
 BOOLEAN_HELP = "use one of true, false, 1, 0, yes, no, on, off (case-insensitive)"
+UNKNOWN_REVISION_POLICIES = ("fail", "skip")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,9 @@ class Settings:
     retry_backoff: float = 1.0
     lock_enabled: bool = True
     lock_name: str | None = None
+    #: What an upgrade does when the database contains a revision that the
+    #: scripts do not: ``fail``, or ``skip`` (log a warning, migrate nothing).
+    on_unknown_revision: str = "fail"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -51,6 +55,12 @@ class Settings:
             retry_backoff=_milliseconds(env, "MIGRATION_RETRY_BACKOFF", defaults.retry_backoff),
             lock_enabled=_boolean(env, "MIGRATION_LOCK", defaults.lock_enabled),
             lock_name=_lock_name(env, "MIGRATION_LOCK_NAME"),
+            on_unknown_revision=_choice(
+                env,
+                "MIGRATION_ON_UNKNOWN_REVISION",
+                defaults.on_unknown_revision,
+                UNKNOWN_REVISION_POLICIES,
+            ),
         )
 
 
@@ -129,3 +139,13 @@ def _lock_name(env: Mapping[str, str], name: str) -> str | None:
             name, raw, "use a non-empty name, or unset it to name the lock after the version table"
         )
     return raw.strip()
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value not in choices:
+        raise InvalidSettingError(name, raw, f"use one of {', '.join(choices)} (case-insensitive)")
+    return value
