@@ -37,6 +37,7 @@ from ._preflight import (
     check_before_upgrade,
     run_checks,
 )
+from ._retry import Attempt, run_with_retries
 from ._settings import Settings
 from ._state import read_heads
 from ._status import read_lock_status
@@ -274,12 +275,16 @@ class SgpCommandLine(CommandLine):
             )
             self._call(config, options)
             return
-        with _connect(own) as connection:
-            try:
-                self._run_under_lock(config, options, connection, own, settings)
-            except BaseException:
-                connection.invalidate()
-                raise
+
+        def attempt_command(attempt: Attempt) -> None:
+            with _connect(own) as connection:
+                try:
+                    self._run_under_lock(config, options, connection, own, settings, attempt)
+                except BaseException:
+                    connection.invalidate()
+                    raise
+
+        run_with_retries(attempt_command, settings)
 
     def _run_under_lock(
         self,
@@ -288,6 +293,7 @@ class SgpCommandLine(CommandLine):
         connection: Connection,
         own: _Options,
         settings: Settings,
+        attempt: Attempt,
     ) -> None:
         command = options.cmd[0].__name__
         with hold_lock(
@@ -295,7 +301,7 @@ class SgpCommandLine(CommandLine):
             settings=settings,
             version_table=own.version_table.name,
             version_table_schema=own.version_table.schema,
-            timeout=settings.lock_timeout,
+            timeout=min(settings.lock_timeout, attempt.remaining()),
         ):
             if command == "upgrade":
                 rows = read_heads(connection, own.version_table.name, own.version_table.schema)
@@ -308,6 +314,10 @@ class SgpCommandLine(CommandLine):
                     on_unknown_revision=settings.on_unknown_revision,
                 ):
                     return
+            # Retries cover connecting, locking and the checks. Once Alembic's
+            # command starts, this layer cannot know what it committed.
+            attempt.migrations_started = True
+            attempt.transactional_ddl = False
             self._call(config, options)
 
 
