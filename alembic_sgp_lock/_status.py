@@ -1,4 +1,4 @@
-"""Whether the migration lock is held now, and by whom, read without taking it."""
+"""Read whether the migration lock is locked now, and which session has it, without taking it."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def _sqlite_file_locked(backend: SqliteFileLock) -> bool:
     # The lock file stays in place after release, so its content cannot tell
     # whether it is locked; a non-blocking shared flock can. A migration that
     # tries to lock in those microseconds fails once and polls again. An
-    # in-memory database is private to its process, so nobody else holds it.
+    # in-memory database is private to its process, so no other process can lock it.
     if backend.path is None or not os.path.exists(backend.path):
         return False
     descriptor = os.open(backend.path, os.O_RDONLY)

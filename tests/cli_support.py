@@ -63,7 +63,9 @@ def use_env(project: Project, text: str) -> None:
     (project.path / "migrations" / "env.py").write_text(textwrap.dedent(text))
 
 
-def run_cli(project: Project, *arguments: str, timeout: float = 120, **settings: str) -> Finished:
+def run_cli(
+    project: Project, *arguments: str, timeout: float = 120, **settings: str
+) -> CliFinished:
     """Run ``alembic-sgp-lock -c alembic.ini ARGUMENTS`` to the end, stdout and stderr apart."""
     completed = subprocess.run(
         [str(CONSOLE_SCRIPT), "-c", str(project.ini), *arguments],
