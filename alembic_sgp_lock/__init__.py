@@ -11,8 +11,10 @@ from ._errors import (
     RetriesExhaustedError,
     UnsupportedDialectError,
 )
+from ._exit_codes import ExitCode
 from ._hook import run_migrations
 from ._lock import migration_lock
+from ._preflight import DatabaseAheadError, Finding, PreflightError
 from ._settings import Settings
 
 try:
@@ -21,11 +23,15 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
+    "DatabaseAheadError",
+    "ExitCode",
+    "Finding",
     "InvalidSettingError",
     "LockHolder",
     "LockReleaseError",
     "LockTimeoutError",
     "MigrationLockError",
+    "PreflightError",
     "RetriesExhaustedError",
     "Settings",
     "UnsupportedDialectError",
