@@ -296,6 +296,9 @@ class SgpCommandLine(CommandLine):
         attempt: Attempt,
     ) -> None:
         command = options.cmd[0].__name__
+        # NOTE: the hook in env.py skips its own lock only when its URL (host,
+        # port, database) and version table give this lock's identity. If they
+        # differ, it waits for this process until MIGRATION_LOCK_TIMEOUT.
         with hold_lock(
             connection,
             settings=settings,
