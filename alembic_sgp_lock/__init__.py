@@ -12,8 +12,10 @@ from ._errors import (
     RetriesExhaustedError,
     UnsupportedDialectError,
 )
+from ._exit_codes import ExitCode
 from ._hook import run_migrations
 from ._lock import migration_lock
+from ._preflight import DatabaseAheadError, Finding, PreflightError
 from ._settings import Settings
 
 try:
@@ -23,11 +25,15 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 __all__ = [
     "ChecksumMismatchError",
+    "DatabaseAheadError",
+    "ExitCode",
+    "Finding",
     "InvalidSettingError",
     "LockHolder",
     "LockReleaseError",
     "LockTimeoutError",
     "MigrationLockError",
+    "PreflightError",
     "RetriesExhaustedError",
     "Settings",
     "UnsupportedDialectError",

@@ -89,3 +89,26 @@ def dbapi_connection(connection: Connection) -> Any:
     if driver_connection is None:
         driver_connection = getattr(fairy, "connection", None)
     return driver_connection
+
+
+def command_name(environment: EnvironmentContext | None) -> str | None:
+    """Return the name of the Alembic step function that runs (``upgrade``, ``do_stamp``...).
+
+    Returns None outside an Alembic command or when the name cannot be read.
+    """
+    if environment is None:
+        return None
+    function = _step_function(environment)
+    name = getattr(function, "__name__", None)
+    return name if isinstance(name, str) else None
+
+
+def destination_revision(environment: EnvironmentContext | None) -> str | None:
+    """Return the target revision of an upgrade, downgrade or stamp as given to the command."""
+    if environment is None:
+        return None
+    options = getattr(environment, "context_opts", None)
+    if not isinstance(options, dict):
+        return None
+    destination = options.get("destination_rev")
+    return destination if isinstance(destination, str) else None

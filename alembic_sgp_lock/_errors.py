@@ -21,6 +21,8 @@ class LockHolder:
     client_address: str | None = None
     held_seconds: float | None = None
     description: str | None = None
+    #: The statement the holder runs or ran last, where the server reports it.
+    statement: str | None = None
 
     def __str__(self) -> str:
         parts = []

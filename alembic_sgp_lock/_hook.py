@@ -18,6 +18,7 @@ from ._errors import ChecksumMismatchError, MigrationLockError
 from ._ledger import Ledger, StepRecorder, format_drift, utc_now
 from ._lock import commit_open_transaction, hold_lock
 from ._log import logger
+from ._preflight import VersionTable, check_before_upgrade
 from ._retry import Attempt, run_with_retries
 from ._settings import Settings
 from ._state import format_heads, read_heads
@@ -124,8 +125,12 @@ def _run_online(
         with engine.connect() as connection:
             try:
                 heads = read_heads(connection, version_table, version_table_schema)
+                # Duplicate rows look like "already at head" to Alembic; the
+                # pre-flight checks under the lock report them instead.
+                no_duplicates = len(set(heads)) == len(heads)
                 if (
                     settings.lock_enabled
+                    and no_duplicates
                     and _compat.pending_steps(environment, heads) == 0
                     and not _ledger_needs_baseline(connection, settings, version_table_schema)
                 ):
@@ -196,6 +201,20 @@ def _migrate_under_lock(
     # Another instance may have migrated while this one waited.
     heads_before = read_heads(connection, version_table, version_table_schema)
     logger.info("Revision before migrating: %s", format_heads(heads_before))
+    environment = _compat.current_environment()
+    if (
+        environment is not None
+        and _compat.command_name(environment) == "upgrade"
+        and not check_before_upgrade(
+            connection,
+            environment.script,
+            heads_before,
+            version_table=VersionTable(version_table, version_table_schema),
+            target=_compat.destination_revision(environment),
+            on_unknown_revision=settings.on_unknown_revision,
+        )
+    ):
+        return
     ledger = None
     if settings.ledger:
         ledger = Ledger(settings.ledger_table, version_table_schema, context.script)

@@ -181,4 +181,5 @@ class PostgresAdvisoryLock:
             client_address=client,
             held_seconds=held_seconds,
             description=description,
+            statement=query.strip() if query else None,
         )

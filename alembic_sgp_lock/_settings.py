@@ -16,6 +16,7 @@ BOOLEAN_HELP = "use one of true, false, 1, 0, yes, no, on, off (case-insensitive
 # A table name that needs no quoting on PostgreSQL, MySQL and SQLite alike.
 TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 CHECKSUM_MISMATCH_POLICIES = ("warn", "fail")
+UNKNOWN_REVISION_POLICIES = ("fail", "skip")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class Settings:
     ledger: bool = False
     ledger_table: str = "alembic_sgp_ledger"
     on_checksum_mismatch: str = "warn"
+    #: What an upgrade does when the database contains a revision that the
+    #: scripts do not: ``fail``, or ``skip`` (log a warning, migrate nothing).
+    on_unknown_revision: str = "fail"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -65,6 +69,12 @@ class Settings:
                 "MIGRATION_ON_CHECKSUM_MISMATCH",
                 CHECKSUM_MISMATCH_POLICIES,
                 defaults.on_checksum_mismatch,
+            ),
+            on_unknown_revision=_choice(
+                env,
+                "MIGRATION_ON_UNKNOWN_REVISION",
+                UNKNOWN_REVISION_POLICIES,
+                defaults.on_unknown_revision,
             ),
         )
 
@@ -166,5 +176,5 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default
         return default
     value = raw.strip().lower()
     if value not in choices:
-        raise InvalidSettingError(name, raw, f"use one of {', '.join(choices)}")
+        raise InvalidSettingError(name, raw, f"use one of {', '.join(choices)} (case-insensitive)")
     return value

@@ -1,0 +1,271 @@
+"""The ``alembic-sgp-lock`` command: locking, lock status and exit codes, as real processes."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tests.cli_support import PLAIN_ENV, run_cli, start_cli, use_env
+from tests.support import EXAMPLE_HEAD, EXAMPLE_REVISIONS, make_project, read_state
+from tests.test_postgresql_upgrade import hold_lock
+
+EXAMPLE_TABLES = {"alembic_version", "customer", "invoice"}
+
+
+def hold_sqlite_lock(url: str) -> int:
+    """Lock the SQLite lock file from this process as a migration would; return the descriptor."""
+    path = sa.engine.make_url(url).database + ".alembic-sgp-lock"
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    record = {"pid": os.getpid(), "host": "test-host", "since": time.time() - 5}
+    os.write(descriptor, json.dumps(record).encode())
+    return descriptor
+
+
+@pytest.mark.postgresql
+def test_lock_status_names_postgres_holder(tmp_path: Path, pg_url: str) -> None:
+    project = make_project(tmp_path, pg_url)
+    engine, blocker = hold_lock(pg_url, "blocker-app")
+    try:
+        blocker_pid = blocker.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        blocker.execute(sa.text("SELECT 'deploy step 7'"))
+        held = run_cli(project, "lock-status", "--format", "json")
+        text = run_cli(project, "lock-status")
+    finally:
+        blocker.close()
+        engine.dispose()
+    free = run_cli(project, "lock-status", "--format", "json")
+
+    assert held.returncode == 0, held.output
+    status = json.loads(held.stdout)
+    assert status["held"] is True
+    assert status["lock"].startswith("postgresql advisory lock ")
+    holder = status["holder"]
+    assert holder["pid"] == blocker_pid
+    assert holder["application_name"] == "blocker-app"
+    assert holder["client_address"].startswith("127.0.0.1:")
+    assert holder["statement"] == "SELECT 'deploy step 7'"
+    assert text.returncode == 0, text.output
+    assert "The migration lock is held" in text.stdout
+    assert f"pid: {blocker_pid}" in text.stdout
+    assert "application name: blocker-app" in text.stdout
+    assert free.returncode == 0, free.output
+    assert json.loads(free.stdout) == {"lock": status["lock"], "held": False, "holder": None}
+
+
+@pytest.mark.postgresql
+def test_lock_status_shows_migration_since(tmp_path: Path, pg_url: str) -> None:
+    project = make_project(tmp_path, pg_url)
+    project.add_revision("7a0000000007", EXAMPLE_HEAD, "time.sleep(6)")
+    migration = project.start("upgrade", "head")
+    try:
+        deadline = time.monotonic() + 30
+        status: dict[str, object] = {"held": False}
+        while time.monotonic() < deadline and not status["held"]:
+            status = json.loads(run_cli(project, "lock-status", "--format", "json").stdout)
+        output, _ = migration.communicate(timeout=60)
+    finally:
+        migration.kill()
+
+    assert migration.returncode == 0, output
+    assert status["held"] is True
+    holder = status["holder"]
+    assert isinstance(holder, dict)
+    assert holder["since"] is not None
+    assert holder["held_seconds"] is not None
+
+
+def test_lock_status_sqlite_holder(tmp_path: Path, sqlite_url: str) -> None:
+    project = make_project(tmp_path, sqlite_url)
+    assert project.run("upgrade", "head").returncode == 0
+    free = run_cli(project, "lock-status", "--format", "json")
+    descriptor = hold_sqlite_lock(sqlite_url)
+    try:
+        held = run_cli(project, "lock-status", "--format", "json")
+    finally:
+        os.close(descriptor)
+
+    assert free.returncode == 0, free.output
+    assert json.loads(free.stdout)["held"] is False
+    assert held.returncode == 0, held.output
+    status = json.loads(held.stdout)
+    assert status["held"] is True
+    assert status["holder"]["pid"] == os.getpid()
+    assert status["holder"]["client_address"] == "test-host"
+    assert status["holder"]["held_seconds"] >= 5
+
+
+@pytest.mark.postgresql
+def test_lock_timeout_exit_code(tmp_path: Path, pg_url: str) -> None:
+    project = make_project(tmp_path, pg_url)
+    engine, blocker = hold_lock(pg_url, "blocker-app")
+    try:
+        finished = run_cli(
+            project, "upgrade", "head", MIGRATION_LOCK_TIMEOUT="1", MIGRATION_MAX_RETRIES="0"
+        )
+    finally:
+        blocker.close()
+        engine.dispose()
+
+    assert finished.returncode == 4, finished.output
+    assert "FAILED: Timed out after 1.0 s waiting for the migration lock" in finished.stderr
+    assert "application 'blocker-app'" in finished.stderr
+    assert read_state(pg_url).tables == set()
+
+
+@pytest.mark.postgresql
+def test_retries_exhausted_exit_code(tmp_path: Path, pg_url: str) -> None:
+    project = make_project(tmp_path, pg_url)
+    engine, blocker = hold_lock(pg_url, "blocker-app")
+    try:
+        finished = run_cli(
+            project,
+            "upgrade",
+            "head",
+            MIGRATION_LOCK_TIMEOUT="1",
+            MIGRATION_MAX_RETRIES="1",
+            MIGRATION_RETRY_BACKOFF="50",
+        )
+    finally:
+        blocker.close()
+        engine.dispose()
+
+    assert finished.returncode == 5, finished.output
+    assert "FAILED: Migration failed after 2 attempt(s)" in finished.stderr
+    assert read_state(pg_url).tables == set()
+
+
+def test_invalid_setting_exit_code(tmp_path: Path, sqlite_url: str) -> None:
+    project = make_project(tmp_path, sqlite_url)
+
+    finished = run_cli(project, "upgrade", "head", MIGRATION_LOCK_TIMEOUT="ten")
+
+    assert finished.returncode == 3, finished.output
+    assert "FAILED: MIGRATION_LOCK_TIMEOUT='ten' is invalid" in finished.stderr
+    assert read_state(sqlite_url).tables == set()
+
+
+def test_unusable_url_exit_code(tmp_path: Path, sqlite_url: str) -> None:
+    project = make_project(tmp_path, sqlite_url)
+
+    finished = run_cli(project, "--database-url", "nosuchdriver://x/y", "preflight")
+
+    assert finished.returncode == 3, finished.output
+    assert "The database URL nosuchdriver://x/y cannot be used" in finished.stderr
+
+
+def test_usage_error_exit_code(tmp_path: Path, sqlite_url: str) -> None:
+    project = make_project(tmp_path, sqlite_url)
+
+    finished = run_cli(project, "preflight", "--format", "yaml")
+
+    assert finished.returncode == 2, finished.output
+    assert "invalid choice: 'yaml'" in finished.stderr
+
+
+def test_alembic_commands_work_unchanged(tmp_path: Path, sqlite_url: str) -> None:
+    project = make_project(tmp_path, sqlite_url)
+
+    upgraded = run_cli(project, "upgrade", EXAMPLE_REVISIONS[1])
+    current = run_cli(project, "current")
+    history = run_cli(project, "history")
+    offline = run_cli(project, "upgrade", f"{EXAMPLE_REVISIONS[1]}:head", "--sql")
+    downgraded = run_cli(project, "downgrade", "base")
+    stamped = run_cli(project, "stamp", "head")
+    missing = run_cli(project, "show", "ffffffffffff")
+
+    assert upgraded.returncode == 0, upgraded.output
+    assert current.returncode == 0, current.output
+    assert EXAMPLE_REVISIONS[1] in current.stdout
+    assert history.returncode == 0, history.output
+    assert f"{EXAMPLE_REVISIONS[1]} -> {EXAMPLE_HEAD} (head)" in history.stdout
+    assert offline.returncode == 0, offline.output
+    assert "INSERT INTO customer" in offline.stdout
+    assert downgraded.returncode == 0, downgraded.output
+    assert stamped.returncode == 0, stamped.output
+    assert read_state(sqlite_url).versions == [EXAMPLE_HEAD]
+    assert read_state(sqlite_url).tables == {"alembic_version"}
+    assert missing.returncode == 1, missing.output
+    assert "FAILED: " in missing.stderr
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_command_and_hook_lock_once(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue("pg_url" if backend == "postgresql" else "sqlite_url")
+    project = make_project(tmp_path, url)
+
+    started = time.monotonic()
+    finished = run_cli(project, "upgrade", "head", MIGRATION_LOCK_TIMEOUT="20")
+    elapsed = time.monotonic() - started
+
+    assert finished.returncode == 0, finished.output
+    assert finished.output.count("Acquired ") == 1
+    assert "is already held by this process; not locking again" in finished.output
+    # Waiting for itself would take the whole 20 s lock timeout.
+    assert elapsed < 15
+    assert read_state(url).versions == [EXAMPLE_HEAD]
+
+
+@pytest.mark.postgresql
+def test_command_locks_without_hook(tmp_path: Path, pg_url: str) -> None:
+    project = make_project(tmp_path, pg_url)
+    use_env(project, PLAIN_ENV)
+    engine, blocker = hold_lock(pg_url, "blocker-app")
+    try:
+        blocked = run_cli(
+            project, "upgrade", "head", MIGRATION_LOCK_TIMEOUT="1", MIGRATION_MAX_RETRIES="0"
+        )
+    finally:
+        blocker.close()
+        engine.dispose()
+    tables_while_blocked = read_state(pg_url).tables
+    unblocked = run_cli(project, "upgrade", "head")
+
+    assert blocked.returncode == 4, blocked.output
+    assert tables_while_blocked == set()
+    assert unblocked.returncode == 0, unblocked.output
+    assert "Acquired postgresql advisory lock" in unblocked.output
+    assert read_state(pg_url).versions == [EXAMPLE_HEAD]
+
+
+@pytest.mark.postgresql
+@pytest.mark.slow
+def test_many_commands_without_hook(tmp_path: Path, pg_url: str) -> None:
+    # Without a lock, plain Alembic processes race on an empty database.
+    project = make_project(tmp_path, pg_url)
+    use_env(project, PLAIN_ENV)
+
+    processes = [start_cli(project, "upgrade", "head") for _ in range(8)]
+    results = [(process.communicate(timeout=180)[0], process.returncode) for process in processes]
+
+    for output, returncode in results:
+        assert returncode == 0, output
+    state = read_state(pg_url)
+    assert state.versions == [EXAMPLE_HEAD]
+    assert state.customers == 1
+    outputs = "".join(output for output, _ in results)
+    assert outputs.count(f"Running upgrade  -> {EXAMPLE_REVISIONS[0]}") == 1
+
+
+def test_command_preflight_without_hook(tmp_path: Path, sqlite_url: str) -> None:
+    project = make_project(tmp_path, sqlite_url)
+    use_env(project, PLAIN_ENV)
+    assert run_cli(project, "upgrade", "head").returncode == 0
+    engine = sa.create_engine(sqlite_url, poolclass=sa.pool.NullPool)
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE alembic_version SET version_num = 'abcdef123456'"))
+    engine.dispose()
+
+    finished = run_cli(project, "upgrade", "head")
+
+    assert finished.returncode == 7, finished.output
+    assert "[database-ahead]" in finished.stderr
+    assert read_state(sqlite_url).versions == ["abcdef123456"]
