@@ -3,6 +3,8 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from ._errors import (
+    HalfAppliedMarker,
+    HalfAppliedRevisionError,
     InvalidSettingError,
     LockHolder,
     LockReleaseError,
@@ -13,6 +15,7 @@ from ._errors import (
 )
 from ._hook import run_migrations
 from ._lock import migration_lock
+from ._recovery import clear_half_applied
 from ._settings import Settings
 
 try:
@@ -21,6 +24,8 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
+    "HalfAppliedMarker",
+    "HalfAppliedRevisionError",
     "InvalidSettingError",
     "LockHolder",
     "LockReleaseError",
@@ -30,6 +35,7 @@ __all__ = [
     "Settings",
     "UnsupportedDialectError",
     "__version__",
+    "clear_half_applied",
     "migration_lock",
     "run_migrations",
 ]

@@ -13,9 +13,10 @@ from sqlalchemy import engine_from_config, pool
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from . import _compat
-from ._errors import MigrationLockError
+from ._errors import HalfAppliedRevisionError, MigrationLockError
 from ._lock import commit_open_transaction, hold_lock
 from ._log import logger
+from ._marker import MarkerRecorder, read_marker
 from ._retry import Attempt, run_with_retries
 from ._settings import Settings
 from ._state import format_heads, read_heads
@@ -66,7 +67,7 @@ def run_migrations(
 
 def _build_engine(url: str | None) -> Engine:
     config = context.config
-    options = dict(config.get_section(config.config_ini_section, {}))
+    options: dict[str, Any] = dict(config.get_section(config.config_ini_section, {}))
     if url is not None:
         options["sqlalchemy.url"] = url
     if not options.get("sqlalchemy.url"):
@@ -146,6 +147,7 @@ def _run_online(
                         attempt,
                         version_table,
                         version_table_schema,
+                        settings.marker_table,
                     )
             except BaseException:
                 # Never hand a connection in an unknown state back to a pool.
@@ -173,12 +175,27 @@ def _migrate_under_lock(
     attempt: Attempt,
     version_table: str,
     version_table_schema: str | None,
+    marker_table: str,
 ) -> None:
     # Another instance may have migrated while this one waited.
     heads_before = read_heads(connection, version_table, version_table_schema)
     logger.info("Revision before migrating: %s", format_heads(heads_before))
+    marker = read_marker(
+        connection,
+        marker_table_name=marker_table,
+        version_table=version_table,
+        version_table_schema=version_table_schema,
+    )
+    if marker is not None:
+        raise HalfAppliedRevisionError(marker, marker_table)
+    recorder = MarkerRecorder(
+        connection,
+        marker_table_name=marker_table,
+        version_table=version_table,
+        version_table_schema=version_table_schema,
+    )
     started = time.monotonic()
-    _configure_and_run(connection, target_metadata, configure_options, attempt)
+    _configure_and_run(connection, target_metadata, configure_options, attempt, recorder)
     commit_open_transaction(connection)
     heads_after = read_heads(connection, version_table, version_table_schema)
     logger.info(
@@ -193,15 +210,40 @@ def _configure_and_run(
     target_metadata: Any,
     configure_options: dict[str, Any],
     attempt: Attempt | None,
+    recorder: MarkerRecorder | None = None,
 ) -> None:
     options = dict(configure_options)
-    options["on_version_apply"] = _step_logger(options.get("on_version_apply"))
+    step_logger = _step_logger(options.get("on_version_apply"))
+    # The recorder's callback deletes the marker in the version write's transaction.
+    options["on_version_apply"] = (
+        step_logger if recorder is None else (step_logger, recorder.on_version_apply)
+    )
     context.configure(connection=connection, target_metadata=target_metadata, **options)
+    transactional_ddl = bool(context.get_context().impl.transactional_ddl)
     if attempt is not None:
-        attempt.transactional_ddl = bool(context.get_context().impl.transactional_ddl)
+        attempt.transactional_ddl = transactional_ddl
         attempt.migrations_started = True
-    with context.begin_transaction():
-        context.run_migrations()
+    if recorder is not None and not transactional_ddl:
+        if _compat.replace_steps_function(context.get_context(), recorder.wrap_steps):
+            recorder.listen()
+        else:
+            logger.warning(
+                "This Alembic release cannot be hooked before each revision; "
+                "half-applied revisions will not be marked"
+            )
+            recorder = None
+    else:
+        recorder = None
+    try:
+        with context.begin_transaction():
+            context.run_migrations()
+    except Exception as error:
+        if recorder is not None:
+            recorder.record_failure(error)
+        raise
+    finally:
+        if recorder is not None:
+            recorder.stop_listening()
 
 
 def _step_logger(user_callback: Callable[..., None] | None) -> Callable[..., None]:

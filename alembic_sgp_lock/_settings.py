@@ -29,6 +29,7 @@ class Settings:
     retry_backoff: float = 1.0
     lock_enabled: bool = True
     lock_name: str | None = None
+    marker_table: str = "alembic_sgp_lock_in_progress"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -51,6 +52,7 @@ class Settings:
             retry_backoff=_milliseconds(env, "MIGRATION_RETRY_BACKOFF", defaults.retry_backoff),
             lock_enabled=_boolean(env, "MIGRATION_LOCK", defaults.lock_enabled),
             lock_name=_lock_name(env, "MIGRATION_LOCK_NAME"),
+            marker_table=_table_name(env, "MIGRATION_MARKER_TABLE", defaults.marker_table),
         )
 
 
@@ -129,3 +131,22 @@ def _lock_name(env: Mapping[str, str], name: str) -> str | None:
             name, raw, "use a non-empty name, or unset it to name the lock after the version table"
         )
     return raw.strip()
+
+
+# The longest identifier MySQL and MariaDB accept.
+MAX_TABLE_NAME_LENGTH = 64
+
+
+def _table_name(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    value = raw.strip()
+    if not value or len(value) > MAX_TABLE_NAME_LENGTH or "." in value or "`" in value:
+        raise InvalidSettingError(
+            name,
+            raw,
+            f"use a table name of 1 to {MAX_TABLE_NAME_LENGTH} characters without '.' or '`', "
+            f"such as {default}; the table is created beside the version table",
+        )
+    return value
