@@ -352,24 +352,36 @@ time.sleep(2)
 def test_two_databases_migrate_in_parallel(
     tmp_path: Path, mysql_url: str, second_mysql_url: str
 ) -> None:
+    urls = (mysql_url, second_mysql_url)
     projects = []
-    for number, url in enumerate((mysql_url, second_mysql_url)):
+    for number, url in enumerate(urls):
         project = make_project(tmp_path / f"project{number}", url)
         project.add_revision(SLOW_REVISION_ID, EXAMPLE_HEAD, TWO_SECOND_REVISION)
         projects.append(project)
 
-    started = time.monotonic()
+    names = [lock_name(database_name(url), "alembic_version", None) for url in urls]
+    observer = sa.create_engine(mysql_url, poolclass=sa.pool.NullPool)
+    both_held = False
     processes = [project.start("upgrade", "head") for project in projects]
+    with observer.connect() as connection:
+        while any(process.poll() is None for process in processes):
+            holders = connection.execute(
+                sa.text("SELECT IS_USED_LOCK(:first), IS_USED_LOCK(:second)"),
+                {"first": names[0], "second": names[1]},
+            ).one()
+            connection.rollback()
+            both_held = both_held or None not in holders
+            time.sleep(0.05)
+    observer.dispose()
     outputs = [process.communicate(timeout=60)[0] for process in processes]
-    elapsed = time.monotonic() - started
 
     for process, output in zip(processes, outputs, strict=True):
         assert process.returncode == 0, output
         assert "Waiting for mysql user lock" not in output
-    for url in (mysql_url, second_mysql_url):
+    for url in urls:
         assert read_state(url).versions == [SLOW_REVISION_ID]
-    # One run sleeps 2 s in its revision; run one after the other they would take over 4 s.
-    assert elapsed < 4
+    # Each run holds its lock for over 2 s, so both locks were seen held at once.
+    assert both_held
 
 
 def test_mysqlclient_url(tmp_path: Path, mysql_url: str) -> None:
