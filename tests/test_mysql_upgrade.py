@@ -16,8 +16,10 @@ from sqlalchemy.engine import make_url
 
 from alembic_sgp_lock import (
     HalfAppliedRevisionError,
+    InvalidSettingError,
     LockTimeoutError,
     MigrationLockError,
+    Settings,
     clear_half_applied,
 )
 from alembic_sgp_lock._mysql import MAX_LOCK_NAME_LENGTH, lock_name
@@ -213,21 +215,21 @@ def test_killed_holder_leaves_marker(tmp_path: Path, mysql_url: str) -> None:
     os.kill(holder.pid, signal.SIGKILL)
     holder.communicate(timeout=30)
     started = time.monotonic()
-    refused = project.run("upgrade", "head", MIGRATION_LOCK_TIMEOUT="30")
-    refused_after = time.monotonic() - started
+    rejected = project.run("upgrade", "head", MIGRATION_LOCK_TIMEOUT="30")
+    rejected_after = time.monotonic() - started
 
     assert marker["revision"] == SLOW_REVISION_ID
     assert marker["direction"] == "upgrade"
     assert f"pid {holder.pid}" in str(marker["holder"])
-    assert refused.returncode != 0
+    assert rejected.returncode != 0
     # The server freed the killed holder's lock; the refusal is not a lock timeout.
-    assert refused_after < 20
-    assert "Timed out" not in refused.output
-    assert f"Revision {SLOW_REVISION_ID} (upgrade from {EXAMPLE_HEAD}" in refused.output
-    assert "killed or disconnected" in refused.output
-    assert "1. CREATE TABLE slow_step" in refused.output
-    assert f"clear-half-applied --stamp {SLOW_REVISION_ID}" in refused.output
-    assert refused.output.count("(attempt ") == 1
+    assert rejected_after < 20
+    assert "Timed out" not in rejected.output
+    assert f"Revision {SLOW_REVISION_ID} (upgrade from {EXAMPLE_HEAD}" in rejected.output
+    assert "killed or disconnected" in rejected.output
+    assert "1. CREATE TABLE slow_step" in rejected.output
+    assert f"clear-half-applied --stamp {SLOW_REVISION_ID}" in rejected.output
+    assert rejected.output.count("(attempt ") == 1
     assert read_state(mysql_url).versions == [EXAMPLE_HEAD]
 
     # The operator finishes upgrade() by hand, then stamps the revision.
@@ -260,7 +262,7 @@ def test_failed_revision_marked_then_recovered(tmp_path: Path, mysql_url: str) -
     project.add_revision(FAILING_REVISION_ID, EXAMPLE_HEAD, FAILING_REVISION)
 
     failed = project.run("upgrade", "head", MIGRATION_MAX_RETRIES="5")
-    refused = project.run("upgrade", "head", MIGRATION_MAX_RETRIES="5")
+    rejected = project.run("upgrade", "head", MIGRATION_MAX_RETRIES="5")
 
     assert failed.returncode != 0
     assert "retrying" not in failed.output
@@ -275,14 +277,14 @@ def test_failed_revision_marked_then_recovered(tmp_path: Path, mysql_url: str) -
     assert len(rows) == 1
     assert rows[0]["revision"] == FAILING_REVISION_ID
     assert "1064" in str(rows[0]["error"])
-    assert refused.returncode != 0
-    assert "retrying" not in refused.output
-    assert f"Revision {FAILING_REVISION_ID} (upgrade from {EXAMPLE_HEAD} to " in refused.output
-    assert "It failed with: ProgrammingError" in refused.output
-    assert "1. CREATE TABLE half_a" in refused.output
-    assert "2. SELEC broken" in refused.output
-    assert "alembic-sgp-lock clear-half-applied`" in refused.output
-    assert "Run `alembic upgrade head` again" in refused.output
+    assert rejected.returncode != 0
+    assert "retrying" not in rejected.output
+    assert f"Revision {FAILING_REVISION_ID} (upgrade from {EXAMPLE_HEAD} to " in rejected.output
+    assert "It failed with: ProgrammingError" in rejected.output
+    assert "1. CREATE TABLE half_a" in rejected.output
+    assert "2. SELEC broken" in rejected.output
+    assert "alembic-sgp-lock clear-half-applied`" in rejected.output
+    assert "Run `alembic upgrade head` again" in rejected.output
 
     # The operator undoes the first CREATE TABLE, fixes the revision and clears the marker.
     engine = sa.create_engine(mysql_url, poolclass=sa.pool.NullPool)
@@ -392,7 +394,7 @@ def test_mysqlclient_url(tmp_path: Path, mysql_url: str) -> None:
     project.add_revision(FAILING_REVISION_ID, EXAMPLE_HEAD, FAILING_REVISION)
 
     results = run_together(project, 4)
-    refused = project.run("upgrade", "head")
+    rejected = project.run("upgrade", "head")
 
     assert sum(returncode == 0 for returncode, _ in results) == 0
     state = read_state(rendered)
@@ -400,4 +402,27 @@ def test_mysqlclient_url(tmp_path: Path, mysql_url: str) -> None:
     assert state.customers == 1
     rows = marker_rows(rendered)
     assert rows[0]["statement_count"] == 2
-    assert "It failed with" in refused.output
+    assert "It failed with" in rejected.output
+
+
+@pytest.mark.parametrize("value", ["", "app.marker", "x" * 65, "bad`name"])
+def test_marker_table_setting_invalid(value: str) -> None:
+    with pytest.raises(InvalidSettingError) as raised:
+        Settings.from_env({"MIGRATION_MARKER_TABLE": value})
+
+    assert f"MIGRATION_MARKER_TABLE={value!r} is invalid" in str(raised.value)
+
+
+def test_marker_table_setting_used(tmp_path: Path, mysql_url: str) -> None:
+    project = make_project(tmp_path, mysql_url)
+    project.add_revision(FAILING_REVISION_ID, EXAMPLE_HEAD, FAILING_REVISION)
+
+    failed = project.run("upgrade", "head", MIGRATION_MARKER_TABLE="deploy_marker")
+    rejected = project.run("upgrade", "head", MIGRATION_MARKER_TABLE="deploy_marker")
+
+    assert failed.returncode != 0
+    tables = read_state(mysql_url).tables
+    assert "deploy_marker" in tables
+    assert MARKER_TABLE not in tables
+    assert rejected.returncode != 0
+    assert "marker in table deploy_marker" in rejected.output
