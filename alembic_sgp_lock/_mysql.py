@@ -1,10 +1,12 @@
 """MySQL and MariaDB lock backend: a user-level lock (``GET_LOCK``) on the migration connection.
 
 User-level lock names are server-wide, so the name includes the database
-name. MySQL 5.7 and later compare lock names case-insensitively and reject
-names longer than 64 characters, while MariaDB 10.11 compares them exactly and
-accepts longer ones; :func:`lock_name` returns a name that means the same on
-both. The server frees the lock when the session ends, so a killed migration
+name. The MySQL reference manual (locking functions) limits names to 64
+characters, and both manuals call names case-insensitive, but MariaDB 10.11.19
+here treated 'Abc' and 'aBC' as two locks and accepted 65 characters.
+:func:`lock_name` returns a name that means the same in every case.
+
+The server frees the lock when the session ends, so a killed migration
 never leaves a stale lock once the server notices the closed connection.
 
 A waiter blocks inside ``GET_LOCK`` with a timeout of at most
