@@ -4,6 +4,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._errors import (
     ChecksumMismatchError,
+    HalfAppliedMarker,
+    HalfAppliedRevisionError,
     InvalidSettingError,
     LockHolder,
     LockReleaseError,
@@ -16,6 +18,7 @@ from ._exit_codes import ExitCode
 from ._hook import run_migrations
 from ._lock import migration_lock
 from ._preflight import DatabaseAheadError, Finding, PreflightError
+from ._recovery import clear_half_applied
 from ._settings import Settings
 
 try:
@@ -28,6 +31,8 @@ __all__ = [
     "DatabaseAheadError",
     "ExitCode",
     "Finding",
+    "HalfAppliedMarker",
+    "HalfAppliedRevisionError",
     "InvalidSettingError",
     "LockHolder",
     "LockReleaseError",
@@ -38,6 +43,7 @@ __all__ = [
     "Settings",
     "UnsupportedDialectError",
     "__version__",
+    "clear_half_applied",
     "migration_lock",
     "run_migrations",
 ]

@@ -68,6 +68,15 @@ def backend_for(
         from ._postgresql import PostgresAdvisoryLock
 
         return PostgresAdvisoryLock(connection, key_text, explicit_name=lock_name)
+    if dialect in ("mysql", "mariadb"):
+        from ._mysql import MysqlUserLock
+
+        return MysqlUserLock(
+            connection,
+            version_table=version_table,
+            version_table_schema=version_table_schema,
+            explicit_name=lock_name,
+        )
     if dialect == "sqlite":
         from ._sqlite import SqliteFileLock
 

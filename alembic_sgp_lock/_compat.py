@@ -112,3 +112,27 @@ def destination_revision(environment: EnvironmentContext | None) -> str | None:
         return None
     destination = options.get("destination_rev")
     return destination if isinstance(destination, str) else None
+
+
+def step_script_path(step: Any) -> str | None:
+    """Return the file of the revision that an Alembic migration step runs, if known."""
+    script = getattr(step, "revision", None)
+    path = getattr(script, "path", None)
+    return path if isinstance(path, str) else None
+
+
+def replace_steps_function(
+    migration_context: Any, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+) -> bool:
+    """Replace the step function of a configured MigrationContext with ``wrap(function)``.
+
+    Alembic has no hook that runs before each revision, so the half-applied
+    marker wraps ``MigrationContext._migrations_fn`` (alembic 1.16 to 1.20),
+    which ``run_migrations()`` iterates. Returns False, changing nothing, when
+    that attribute is missing.
+    """
+    function = getattr(migration_context, "_migrations_fn", None)
+    if not callable(function):
+        return False
+    migration_context._migrations_fn = wrap(function)
+    return True

@@ -8,6 +8,7 @@ instead of a traceback.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from alembic.util import CommandError
 
@@ -37,6 +38,30 @@ class LockHolder:
         if self.description:
             parts.append(self.description)
         return ", ".join(parts) if parts else "an unknown session"
+
+
+@dataclass(frozen=True)
+class HalfAppliedMarker:
+    """A revision that started on a database without transactional DDL and never finished.
+
+    Revision lists are comma-separated, and empty for ``base``.
+    """
+
+    version_table: str
+    revision: str
+    direction: str
+    source_revisions: str
+    destination_revisions: str
+    script_path: str
+    holder: str
+    started_at: datetime
+    statement_count: int
+    statements: tuple[str, ...]
+    error: str | None
+
+
+# The command that clears a half-applied marker.
+RECOVERY_COMMAND = "alembic-sgp-lock clear-half-applied"
 
 
 class MigrationLockError(CommandError):
@@ -119,3 +144,55 @@ class ChecksumMismatchError(MigrationLockError):
             "record it with `alembic-sgp-lock accept-checksum REVISION`; "
             "MIGRATION_ON_CHECKSUM_MISMATCH=warn only logs a warning."
         )
+
+
+class HalfAppliedRevisionError(MigrationLockError):
+    """A previous run left a revision half applied; migrations wait for a manual repair."""
+
+    def __init__(self, marker: HalfAppliedMarker, marker_table: str) -> None:
+        self.marker = marker
+        self.marker_table = marker_table
+        super().__init__(_half_applied_message(marker, marker_table))
+
+
+def _half_applied_message(marker: HalfAppliedMarker, marker_table: str) -> str:
+    source = marker.source_revisions or "base"
+    destination = marker.destination_revisions or "base"
+    script = f", file {marker.script_path}" if marker.script_path else ""
+    lines = [
+        f"Revision {marker.revision} ({marker.direction} from {source} to {destination}"
+        f"{script}) did not finish. It was started at "
+        f"{marker.started_at:%Y-%m-%d %H:%M:%S} UTC by {marker.holder}. This database commits "
+        "each DDL statement at once, so part of the revision may be applied while "
+        f"{marker.version_table} still contains {source}.",
+    ]
+    if marker.error:
+        lines.append(f"It failed with: {marker.error}")
+    else:
+        lines.append("The process stopped without reporting an error (killed or disconnected).")
+    if marker.statements:
+        lines.append(
+            "Statements sent for this revision, in order; check which of them took effect:"
+        )
+        lines.extend(f"  {number}. {sql}" for number, sql in enumerate(marker.statements, 1))
+        if marker.statement_count > len(marker.statements):
+            hidden = marker.statement_count - len(marker.statements)
+            lines.append(f"  ... and {hidden} more not recorded")
+    else:
+        lines.append(
+            f"No statement of it was recorded, but any operation of its {marker.direction}() "
+            "may have run."
+        )
+    finish_function = "upgrade()" if marker.direction == "upgrade" else "downgrade()"
+    lines += [
+        f"Migrations are rejected until the schema is repaired (marker in table {marker_table}).",
+        "To recover:",
+        f"  1. Compare the schema with {finish_function} of revision {marker.revision} and "
+        "the statements above.",
+        f"  2. Either undo what took effect, so that the schema matches {source}, and run "
+        f"`{RECOVERY_COMMAND}`;",
+        f"     or apply the rest of {finish_function} by hand and run "
+        f"`{RECOVERY_COMMAND} --stamp {destination}`.",
+        "  3. Run `alembic upgrade head` again.",
+    ]
+    return "\n".join(lines)

@@ -14,10 +14,11 @@ from sqlalchemy import engine_from_config, pool
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from . import _compat
-from ._errors import ChecksumMismatchError, MigrationLockError
+from ._errors import ChecksumMismatchError, HalfAppliedRevisionError, MigrationLockError
 from ._ledger import Ledger, StepRecorder, format_drift, utc_now
 from ._lock import commit_open_transaction, hold_lock
 from ._log import logger
+from ._marker import MarkerRecorder, read_marker
 from ._preflight import VersionTable, check_before_upgrade
 from ._retry import Attempt, run_with_retries
 from ._settings import Settings
@@ -201,6 +202,15 @@ def _migrate_under_lock(
     # Another instance may have migrated while this one waited.
     heads_before = read_heads(connection, version_table, version_table_schema)
     logger.info("Revision before migrating: %s", format_heads(heads_before))
+    marker_table = settings.marker_table
+    marker = read_marker(
+        connection,
+        marker_table_name=marker_table,
+        version_table=version_table,
+        version_table_schema=version_table_schema,
+    )
+    if marker is not None:
+        raise HalfAppliedRevisionError(marker, marker_table)
     environment = _compat.current_environment()
     if (
         environment is not None
@@ -220,9 +230,17 @@ def _migrate_under_lock(
         ledger = Ledger(settings.ledger_table, version_table_schema, context.script)
         _check_checksums(connection, ledger, heads_before, settings)
         ledger.prepare(connection, heads_before)
+    marker_recorder = MarkerRecorder(
+        connection,
+        marker_table_name=marker_table,
+        version_table=version_table,
+        version_table_schema=version_table_schema,
+    )
+    ledger_recorder = ledger.step_recorder() if ledger is not None else None
     started = time.monotonic()
-    recorder = ledger.step_recorder() if ledger is not None else None
-    _configure_and_run(connection, target_metadata, configure_options, attempt, recorder)
+    _configure_and_run(
+        connection, target_metadata, configure_options, attempt, ledger_recorder, marker_recorder
+    )
     commit_open_transaction(connection)
     heads_after = read_heads(connection, version_table, version_table_schema)
     logger.info(
@@ -249,21 +267,50 @@ def _configure_and_run(
     target_metadata: Any,
     configure_options: dict[str, Any],
     attempt: Attempt | None,
-    recorder: StepRecorder | None = None,
+    ledger_recorder: StepRecorder | None = None,
+    recorder: MarkerRecorder | None = None,
 ) -> None:
     options = dict(configure_options)
-    options["on_version_apply"] = _step_logger(options.get("on_version_apply"), recorder)
+    callbacks: list[Callable[..., None]] = [_step_logger(ledger_recorder)]
+    if recorder is not None:
+        # The marker's callback deletes it in the version write's transaction.
+        callbacks.append(recorder.on_version_apply)
+    # Alembic accepts one callable or a sequence of them.
+    user_callbacks = options.get("on_version_apply")
+    if callable(user_callbacks):
+        callbacks.append(user_callbacks)
+    elif user_callbacks:
+        callbacks.extend(user_callbacks)
+    options["on_version_apply"] = callbacks
     context.configure(connection=connection, target_metadata=target_metadata, **options)
+    transactional_ddl = bool(context.get_context().impl.transactional_ddl)
     if attempt is not None:
-        attempt.transactional_ddl = bool(context.get_context().impl.transactional_ddl)
+        attempt.transactional_ddl = transactional_ddl
         attempt.migrations_started = True
-    with context.begin_transaction():
-        context.run_migrations()
+    if recorder is not None and not transactional_ddl:
+        if _compat.replace_steps_function(context.get_context(), recorder.wrap_steps):
+            recorder.listen()
+        else:
+            logger.warning(
+                "This Alembic release cannot be hooked before each revision; "
+                "half-applied revisions will not be marked"
+            )
+            recorder = None
+    else:
+        recorder = None
+    try:
+        with context.begin_transaction():
+            context.run_migrations()
+    except Exception as error:
+        if recorder is not None:
+            recorder.record_failure(error)
+        raise
+    finally:
+        if recorder is not None:
+            recorder.stop_listening()
 
 
-def _step_logger(
-    user_callback: Callable[..., None] | None, recorder: StepRecorder | None
-) -> Callable[..., None]:
+def _step_logger(recorder: StepRecorder | None) -> Callable[..., None]:
     step_started = time.monotonic()
     step_started_at = utc_now()
 
@@ -281,7 +328,5 @@ def _step_logger(
             recorder(ctx.connection, step, step_started_at, duration)
         step_started = time.monotonic()
         step_started_at = utc_now()
-        if user_callback is not None:
-            user_callback(ctx=ctx, step=step, heads=heads, run_args=run_args)
 
     return on_version_apply

@@ -40,6 +40,7 @@ class Settings:
     #: What an upgrade does when the database contains a revision that the
     #: scripts do not: ``fail``, or ``skip`` (log a warning, migrate nothing).
     on_unknown_revision: str = "fail"
+    marker_table: str = "alembic_sgp_lock_in_progress"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -76,6 +77,7 @@ class Settings:
                 UNKNOWN_REVISION_POLICIES,
                 defaults.on_unknown_revision,
             ),
+            marker_table=_table_name(env, "MIGRATION_MARKER_TABLE", defaults.marker_table),
         )
 
 
