@@ -163,7 +163,11 @@ def _table_findings(
         yield from _column_findings(connection, inspector, script, version_table)
         return
 
-    elsewhere = _schemas_containing(inspector, version_table)
+    # Only PostgreSQL has several schemas inside one database. A MySQL schema
+    # is a database of its own, usually another application's.
+    elsewhere: list[str] = []
+    if connection.dialect.name == "postgresql":
+        elsewhere = _schemas_containing(inspector, version_table)
     if elsewhere:
         yield _elsewhere_finding(connection, version_table, elsewhere)
         return
