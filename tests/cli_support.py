@@ -110,7 +110,11 @@ def snapshot(url: str) -> dict[str, Any]:
     try:
         with engine.connect() as connection:
             inspector = sa.inspect(connection)
-            for schema in inspector.get_schema_names():
+            schemas = inspector.get_schema_names()
+            if connection.dialect.name in ("mysql", "mariadb"):
+                # A MySQL schema is a whole database; look only at the test's own.
+                schemas = [connection.engine.url.database]
+            for schema in schemas:
                 if schema == "information_schema":
                     continue
                 for table in sorted(inspector.get_table_names(schema=schema)):

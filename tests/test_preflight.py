@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -24,11 +24,13 @@ BRANCH_B = "5b0000000002"
 UNKNOWN = "9f9f9f9f9f9f"
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
+BACKEND_FIXTURES = {"postgresql": "pg_url", "sqlite": "sqlite_url", "mariadb": "mysql_url"}
+
+
+@pytest.fixture(params=sorted(BACKEND_FIXTURES))
 def db_url(request: pytest.FixtureRequest) -> str:
     """A fresh database on each backend."""
-    fixture = "pg_url" if request.param == "postgresql" else "sqlite_url"
-    url: str = request.getfixturevalue(fixture)
+    url: str = request.getfixturevalue(BACKEND_FIXTURES[request.param])
     return url
 
 
@@ -50,6 +52,8 @@ def drop_version_primary_key(url: str) -> None:
             "DROP TABLE alembic_version",
             "ALTER TABLE version_copy RENAME TO alembic_version",
         )
+    elif url.startswith("mysql"):
+        execute(url, "ALTER TABLE alembic_version DROP PRIMARY KEY")
     else:
         execute(url, "ALTER TABLE alembic_version DROP CONSTRAINT alembic_version_pkc")
 
@@ -97,7 +101,12 @@ class ErrorState:
     make: Callable[[Project, str], None]
     named: tuple[str, ...]
     fix: str
-    backends: tuple[str, ...] = ("postgresql", "sqlite")
+    backends: tuple[str, ...] = ("postgresql", "sqlite", "mariadb")
+    # The fix where it differs from ``fix``, by backend.
+    fixes: dict[str, str] = field(default_factory=dict)
+
+    def fix_on(self, backend: str) -> str:
+        return self.fixes.get(backend, self.fix)
 
 
 ERROR_STATES = {
@@ -111,7 +120,8 @@ ERROR_STATES = {
         make_column_too_short,
         (LONG_REVISION, "VARCHAR(32)"),
         "ALTER TABLE alembic_version ALTER COLUMN version_num TYPE VARCHAR(38)",
-        backends=("postgresql",),
+        backends=("postgresql", "mariadb"),
+        fixes={"mariadb": "ALTER TABLE alembic_version MODIFY version_num VARCHAR(38) NOT NULL"},
     ),
     "ahead": ErrorState(
         "database-ahead", 7, make_database_ahead, (UNKNOWN,), "MIGRATION_ON_UNKNOWN_REVISION"
@@ -146,7 +156,9 @@ ERROR_STATES = {
 
 
 def backend_of(url: str) -> str:
-    return "sqlite" if url.startswith("sqlite") else "postgresql"
+    if url.startswith("sqlite"):
+        return "sqlite"
+    return "mariadb" if url.startswith("mysql") else "postgresql"
 
 
 @pytest.mark.parametrize("state_name", sorted(ERROR_STATES))
@@ -167,7 +179,7 @@ def test_error_state_upgrade_changes_nothing(tmp_path: Path, db_url: str, state_
     assert f"[{state.code}]" in through_cli.stderr
     for name in state.named:
         assert name in through_cli.stderr
-    assert state.fix in through_cli.stderr
+    assert state.fix_on(backend_of(db_url)) in through_cli.stderr
     assert "Running upgrade" not in through_hook.output + through_cli.output
     assert snapshot(db_url) == before
 
@@ -191,7 +203,7 @@ def test_preflight_json_reports_state(tmp_path: Path, db_url: str, state_name: s
     assert codes == [state.code]
     finding = report["findings"][0]
     assert finding["severity"] == "error"
-    assert state.fix in finding["fix"]
+    assert state.fix_on(backend_of(db_url)) in finding["fix"]
     for name in state.named:
         assert name in finding["message"]
     assert snapshot(db_url) == before
