@@ -3,11 +3,15 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from ._errors import (
+    DdlLockTimeoutError,
     InvalidSettingError,
     LockHolder,
+    LockModeError,
     LockReleaseError,
     LockTimeoutError,
+    MigrationInterruptedError,
     MigrationLockError,
+    PoolerTransactionModeError,
     RetriesExhaustedError,
     UnsupportedDialectError,
 )
@@ -21,11 +25,15 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
+    "DdlLockTimeoutError",
     "InvalidSettingError",
     "LockHolder",
+    "LockModeError",
     "LockReleaseError",
     "LockTimeoutError",
+    "MigrationInterruptedError",
     "MigrationLockError",
+    "PoolerTransactionModeError",
     "RetriesExhaustedError",
     "Settings",
     "UnsupportedDialectError",
