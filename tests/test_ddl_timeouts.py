@@ -1,4 +1,4 @@
-"""MIGRATION_DDL_LOCK_TIMEOUT and MIGRATION_STATEMENT_TIMEOUT against a real blocking transaction."""
+"""MIGRATION_DDL_LOCK_TIMEOUT and MIGRATION_STATEMENT_TIMEOUT against a real blocker."""
 
 from __future__ import annotations
 
