@@ -8,7 +8,7 @@ clients then use.
 Detection runs in two steps. First the client's own socket address is
 compared with the client address that PostgreSQL reports for the session:
 they match on a direct TCP connection, so nothing more is done. Otherwise
-something sits in between, a pooler or a proxy, and a probe tells whether
+something sits in between, a pooler or a proxy, and a probe checks whether
 session state survives from one transaction to the next and stays private
 to this client. The probe opens one short second connection.
 """
