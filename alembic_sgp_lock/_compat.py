@@ -7,7 +7,9 @@ silently unsafe.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+import socket
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from alembic import context as alembic_context
@@ -136,3 +138,50 @@ def replace_steps_function(
         return False
     migration_context._migrations_fn = wrap(function)
     return True
+
+
+def driver_socket(connection: Connection) -> socket.socket | None:
+    """Return a duplicate of the driver's network socket, or None when it has none.
+
+    The caller closes the duplicate; options set on it apply to the driver's
+    socket, because both descriptors share one kernel socket.
+    """
+    driver_connection = dbapi_connection(connection)
+    # SQLAlchemy's asyncio adapters keep the driver's own connection here.
+    driver_connection = getattr(driver_connection, "driver_connection", driver_connection)
+    descriptor: int | None = None
+    fileno = getattr(driver_connection, "fileno", None)
+    if callable(fileno):
+        try:
+            descriptor = int(fileno())
+        except Exception:
+            descriptor = None
+    else:
+        # asyncpg exposes its socket only through the private asyncio transport.
+        transport = getattr(driver_connection, "_transport", None)
+        raw_socket = transport.get_extra_info("socket") if transport is not None else None
+        descriptor = raw_socket.fileno() if raw_socket is not None else None
+    if descriptor is None or descriptor < 0:
+        return None
+    return socket.socket(fileno=os.dup(descriptor))
+
+
+def greenlet_spawn(function: Callable[..., Any], *arguments: Any) -> Awaitable[Any]:
+    """Run a synchronous function that uses an asyncio engine's sync API, from a coroutine."""
+    # SQLAlchemy runs sync code over async drivers in a greenlet; run_sync() on
+    # a connection does the same, but would need a second connection here.
+    from sqlalchemy.util import greenlet_spawn as spawn
+
+    return spawn(function, *arguments)
+
+
+def forbid_autocommit_block(migration_context: Any, message: str) -> None:
+    """Make ``autocommit_block()`` on this MigrationContext raise ``LockModeError(message)``."""
+    from ._errors import LockModeError
+
+    def autocommit_block() -> Any:
+        raise LockModeError(message)
+
+    # Revisions reach it as op.get_context().autocommit_block(); an instance
+    # attribute shadows the method for this context only.
+    migration_context.autocommit_block = autocommit_block

@@ -196,3 +196,58 @@ def _half_applied_message(marker: HalfAppliedMarker, marker_table: str) -> str:
         "  3. Run `alembic upgrade head` again.",
     ]
     return "\n".join(lines)
+
+
+class DdlLockTimeoutError(MigrationLockError, TimeoutError):
+    """A migration statement waited longer than ``MIGRATION_DDL_LOCK_TIMEOUT`` for a table lock.
+
+    PostgreSQL cancelled the statement and rolled the revision back; the run
+    retries it while the retry limits allow.
+    """
+
+    def __init__(self, timeout_seconds: float, statement: str | None, blockers: list[str]) -> None:
+        self.timeout_seconds = timeout_seconds
+        self.statement = statement
+        self.blockers = blockers
+        held_by = "; ".join(blockers) if blockers else "a session that has since finished"
+        what = f"{statement!r}" if statement else "A migration statement"
+        super().__init__(
+            f"{what} waited more than MIGRATION_DDL_LOCK_TIMEOUT={timeout_seconds:g} s for a "
+            f"table lock and was rolled back. Sessions holding table locks: {held_by}. End "
+            "those transactions, or raise MIGRATION_DDL_LOCK_TIMEOUT."
+        )
+
+
+class PoolerTransactionModeError(MigrationLockError):
+    """The migration connection goes through a pooler in transaction mode."""
+
+    def __init__(self, url: str, evidence: str) -> None:
+        self.url = url
+        self.evidence = evidence
+        super().__init__(
+            f"The migration connection to {url} goes through a connection pooler in "
+            f"transaction mode ({evidence}). There, a session-level lock would stay on a "
+            "server connection that the pooler hands to other clients. Use one of: "
+            "(1) MIGRATION_DATABASE_URL set to a URL that reaches PostgreSQL directly; "
+            "(2) a pooler database in session mode (PgBouncer: pool_mode = session); "
+            "(3) MIGRATION_LOCK_MODE=transaction, a transaction-scoped lock that runs all "
+            "revisions in one transaction and rejects transaction_per_migration and "
+            "autocommit_block()."
+        )
+
+
+class MigrationInterruptedError(MigrationLockError):
+    """The process received SIGTERM or SIGINT and stopped the migration run."""
+
+    def __init__(self, signal_name: str, signal_number: int) -> None:
+        self.signal_name = signal_name
+        self.signal_number = signal_number
+        super().__init__(
+            f"Stopped by {signal_name}: the migration lock was released, and a revision "
+            "that was running was rolled back unless it had already committed. "
+            "Run the upgrade again to finish."
+        )
+
+
+class LockModeError(MigrationLockError):
+    """A migration feature cannot run under MIGRATION_LOCK_MODE=transaction."""

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from alembic import context
@@ -19,17 +20,29 @@ from ._ledger import Ledger, StepRecorder, format_drift, utc_now
 from ._lock import commit_open_transaction, hold_lock
 from ._log import logger
 from ._marker import MarkerRecorder, read_marker
+from ._pooler import check_not_transaction_pooled
 from ._preflight import VersionTable, check_before_upgrade
 from ._retry import Attempt, run_with_retries
+from ._session import ddl_timeouts, prepare_connection, set_client_keepalives
 from ._settings import Settings
+from ._signals import stop_on_signals
 from ._state import format_heads, read_heads
+from ._transaction_lock import (
+    REJECTED_AUTOCOMMIT,
+    migrate_in_one_transaction,
+    reject_transaction_per_migration,
+)
+
+if TYPE_CHECKING:
+    # sqlalchemy.ext.asyncio needs greenlet, which only asyncio projects install.
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 
 def run_migrations(
     *,
     target_metadata: Any = None,
     url: str | None = None,
-    engine: Engine | None = None,
+    engine: Engine | AsyncEngine | None = None,
     settings: Settings | None = None,
     **configure_options: Any,
 ) -> None:
@@ -42,33 +55,69 @@ def run_migrations(
 
     :param target_metadata: passed to ``context.configure``.
     :param url: database URL; defaults to ``sqlalchemy.url`` and the other
-        ``sqlalchemy.*`` options of the ini section.
-    :param engine: an engine to use instead of building one from ``url``.
+        ``sqlalchemy.*`` options of the ini section. An asyncio driver
+        (``postgresql+asyncpg``, ``postgresql+psycopg_async``) is run with
+        ``asyncio.run()``. ``MIGRATION_DATABASE_URL`` replaces it when set.
+    :param engine: an engine, sync or asyncio, to use instead of building one
+        from ``url``; ignored when ``MIGRATION_DATABASE_URL`` is set.
     :param settings: defaults to :meth:`Settings.from_env`, read before any connection.
     :param configure_options: further ``context.configure`` options, such as
         ``version_table``, ``compare_type`` or ``transaction_per_migration``.
     :raises InvalidSettingError: a ``MIGRATION_*`` variable is invalid.
     :raises LockTimeoutError: the lock was not acquired (with one attempt).
     :raises RetriesExhaustedError: every attempt failed with a transient error.
+    :raises PoolerTransactionModeError: the connection goes through a
+        transaction-mode pooler and ``MIGRATION_LOCK_MODE`` is ``session``.
+    :raises MigrationInterruptedError: SIGTERM or SIGINT stopped the run.
     """
     settings = settings if settings is not None else Settings.from_env()
+    if settings.database_url is not None:
+        url = settings.database_url
+        engine = None
     if not settings.run_migrations:
         logger.info("RUN_MIGRATIONS is false: skipping migrations without connecting")
         return
     if context.is_offline_mode():
-        _run_offline(target_metadata, url, engine, configure_options)
+        offline_engine = (
+            engine if engine is None or isinstance(engine, Engine) else engine.sync_engine
+        )
+        _run_offline(target_metadata, url, offline_engine, configure_options)
         return
 
     own_engine = engine is None
     migration_engine = engine if engine is not None else _build_engine(url)
+    with stop_on_signals():
+        if not isinstance(migration_engine, Engine):
+            asyncio.run(
+                _run_online_async(
+                    migration_engine, own_engine, target_metadata, settings, configure_options
+                )
+            )
+            return
+        try:
+            _run_online(migration_engine, target_metadata, settings, configure_options)
+        finally:
+            if own_engine:
+                migration_engine.dispose()
+
+
+async def _run_online_async(
+    engine: AsyncEngine,
+    own_engine: bool,
+    target_metadata: Any,
+    settings: Settings,
+    configure_options: dict[str, Any],
+) -> None:
     try:
-        _run_online(migration_engine, target_metadata, settings, configure_options)
+        await _compat.greenlet_spawn(
+            _run_online, engine.sync_engine, target_metadata, settings, configure_options
+        )
     finally:
         if own_engine:
-            migration_engine.dispose()
+            await engine.dispose()
 
 
-def _build_engine(url: str | None) -> Engine:
+def _build_engine(url: str | None) -> Engine | AsyncEngine:
     config = context.config
     options: dict[str, Any] = dict(config.get_section(config.config_ini_section, {}))
     if url is not None:
@@ -80,6 +129,10 @@ def _build_engine(url: str | None) -> Engine:
             "alembic_sgp_lock.run_migrations()"
         )
     options["sqlalchemy.url"] = _with_installed_driver(make_url(options["sqlalchemy.url"]))
+    if options["sqlalchemy.url"].get_dialect().is_async:
+        from sqlalchemy.ext.asyncio import async_engine_from_config
+
+        return async_engine_from_config(options, prefix="sqlalchemy.", poolclass=pool.NullPool)
     return engine_from_config(options, prefix="sqlalchemy.", poolclass=pool.NullPool)
 
 
@@ -119,12 +172,20 @@ def _run_online(
 
     version_table = configure_options.get("version_table", "alembic_version")
     version_table_schema = configure_options.get("version_table_schema")
+    transaction_scoped = settings.lock_enabled and settings.lock_mode == "transaction"
+    if transaction_scoped:
+        reject_transaction_per_migration(configure_options)
 
     def attempt_migration(attempt: Attempt) -> None:
         started = time.monotonic()
         logger.info("Connecting to %s (attempt %d)", safe_url, attempt.number)
         with engine.connect() as connection:
             try:
+                if transaction_scoped:
+                    # Session-level settings would outlive the transaction in a pooler.
+                    set_client_keepalives(connection)
+                else:
+                    prepare_connection(connection)
                 heads = read_heads(connection, version_table, version_table_schema)
                 # Duplicate rows look like "already at head" to Alembic; the
                 # pre-flight checks under the lock report them instead.
@@ -140,6 +201,21 @@ def _run_online(
                         format_heads(heads),
                     )
                     return
+                if transaction_scoped:
+                    migrate_in_one_transaction(
+                        connection,
+                        settings=settings,
+                        version_table=version_table,
+                        version_table_schema=version_table_schema,
+                        timeout=min(settings.lock_timeout, attempt.remaining()),
+                        # Alembic reads the heads itself, inside the locked transaction.
+                        migrate=lambda locked: _configure_and_run(
+                            locked, target_metadata, configure_options, attempt
+                        ),
+                    )
+                    return
+                if settings.lock_enabled:
+                    check_not_transaction_pooled(connection, engine)
                 with (
                     hold_lock(
                         connection,
@@ -149,7 +225,8 @@ def _run_online(
                         timeout=min(settings.lock_timeout, attempt.remaining()),
                     )
                     if settings.lock_enabled
-                    else _unlocked()
+                    else _unlocked(),
+                    ddl_timeouts(connection, settings),
                 ):
                     _migrate_under_lock(
                         connection,
@@ -283,6 +360,9 @@ def _configure_and_run(
         callbacks.extend(user_callbacks)
     options["on_version_apply"] = callbacks
     context.configure(connection=connection, target_metadata=target_metadata, **options)
+    if connection.in_transaction():
+        # Only MIGRATION_LOCK_MODE=transaction migrates inside a transaction of its own.
+        _compat.forbid_autocommit_block(context.get_context(), REJECTED_AUTOCOMMIT)
     transactional_ddl = bool(context.get_context().impl.transactional_ddl)
     if attempt is not None:
         attempt.transactional_ddl = transactional_ddl

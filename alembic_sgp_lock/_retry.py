@@ -16,7 +16,12 @@ from typing import Any
 import backoff
 from sqlalchemy import exc as sa_exc
 
-from ._errors import LockTimeoutError, MigrationLockError, RetriesExhaustedError
+from ._errors import (
+    DdlLockTimeoutError,
+    LockTimeoutError,
+    MigrationLockError,
+    RetriesExhaustedError,
+)
 from ._log import logger
 from ._settings import Settings
 
@@ -45,7 +50,7 @@ class Attempt:
 
 def is_transient(error: BaseException) -> bool:
     """Tell whether ``error`` is worth another attempt after a delay."""
-    if isinstance(error, LockTimeoutError):
+    if isinstance(error, (LockTimeoutError, DdlLockTimeoutError)):
         return True
     if isinstance(error, MigrationLockError):
         return False

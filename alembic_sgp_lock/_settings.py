@@ -8,6 +8,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
 from ._errors import InvalidSettingError
 
 TRUE_SPELLINGS = frozenset({"1", "true", "yes", "on"})
@@ -17,6 +20,9 @@ BOOLEAN_HELP = "use one of true, false, 1, 0, yes, no, on, off (case-insensitive
 TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 CHECKSUM_MISMATCH_POLICIES = ("warn", "fail")
 UNKNOWN_REVISION_POLICIES = ("fail", "skip")
+LOCK_MODES = ("session", "transaction")
+# PostgreSQL stores lock_timeout and statement_timeout as an int of milliseconds.
+SERVER_TIMEOUT_MAX_SECONDS = (2**31 - 1) // 1000
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,14 @@ class Settings:
     #: scripts do not: ``fail``, or ``skip`` (log a warning, migrate nothing).
     on_unknown_revision: str = "fail"
     marker_table: str = "alembic_sgp_lock_in_progress"
+    #: PostgreSQL ``lock_timeout`` while migrating; None leaves the server's value.
+    ddl_lock_timeout: float | None = None
+    #: PostgreSQL ``statement_timeout`` while migrating; None leaves the server's value.
+    statement_timeout: float | None = None
+    #: URL that replaces the configured one for migrations, such as a direct URL past a pooler.
+    database_url: str | None = None
+    #: ``session`` (a session-level lock) or ``transaction`` (one transaction-scoped lock).
+    lock_mode: str = "session"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -78,6 +92,10 @@ class Settings:
                 defaults.on_unknown_revision,
             ),
             marker_table=_table_name(env, "MIGRATION_MARKER_TABLE", defaults.marker_table),
+            ddl_lock_timeout=_server_timeout(env, "MIGRATION_DDL_LOCK_TIMEOUT"),
+            statement_timeout=_server_timeout(env, "MIGRATION_STATEMENT_TIMEOUT"),
+            database_url=_database_url(env, "MIGRATION_DATABASE_URL"),
+            lock_mode=_lock_mode(env, "MIGRATION_LOCK_MODE", defaults.lock_mode),
         )
 
 
@@ -179,4 +197,66 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default
     value = raw.strip().lower()
     if value not in choices:
         raise InvalidSettingError(name, raw, f"use one of {', '.join(choices)} (case-insensitive)")
+    return value
+
+
+def _server_timeout(env: Mapping[str, str], name: str) -> float | None:
+    # 0 and "off" switch the timeout off, as 0 does in PostgreSQL itself.
+    accepted = (
+        "use a number of seconds greater than 0 and at most "
+        f"{SERVER_TIMEOUT_MAX_SECONDS}, such as 5, or 0 or off to switch it off"
+    )
+    raw = env.get(name)
+    if raw is None or raw.strip().lower() == "off":
+        return None
+    value = _number(env, name, accepted)
+    assert value is not None
+    if value == 0:
+        return None
+    # The server counts whole milliseconds, so less than 1 ms would mean "off".
+    if value < 0.001 or value > SERVER_TIMEOUT_MAX_SECONDS:
+        raise InvalidSettingError(name, raw, accepted)
+    return value
+
+
+def _database_url(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name)
+    if raw is None:
+        return None
+    accepted = (
+        "use a SQLAlchemy database URL such as postgresql://user@db-host:5432/app, "
+        "or unset it to use the configured URL"
+    )
+    if not raw.strip():
+        raise InvalidSettingError(name, raw, accepted)
+    try:
+        make_url(raw.strip())
+    except ArgumentError:
+        # The message must not echo a URL that may contain a password.
+        raise InvalidSettingError(name, _without_password(raw), accepted) from None
+    return raw.strip()
+
+
+def _without_password(raw: str) -> str:
+    head, at, host = raw.rpartition("@")
+    scheme, separator, credentials = head.rpartition("://")
+    if not at or ":" not in credentials:
+        return raw
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{separator}{user}:***@{host}"
+
+
+def _lock_mode(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value not in LOCK_MODES:
+        raise InvalidSettingError(
+            name,
+            raw,
+            "use session (a session-level lock, the default) or transaction "
+            "(a transaction-scoped lock for transaction-mode poolers; it rejects "
+            "transaction_per_migration and autocommit_block)",
+        )
     return value

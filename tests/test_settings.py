@@ -110,3 +110,89 @@ def test_readme_defaults_match_code() -> None:
     assert defaults.lock_enabled is True
     assert rows["MIGRATION_LOCK_NAME"] == "unset"
     assert defaults.lock_name is None
+
+
+def test_production_settings_defaults() -> None:
+    settings = Settings.from_env({})
+
+    assert settings.ddl_lock_timeout is None
+    assert settings.statement_timeout is None
+    assert settings.database_url is None
+    assert settings.lock_mode == "session"
+
+
+def test_production_settings_valid_values() -> None:
+    settings = Settings.from_env(
+        {
+            "MIGRATION_DDL_LOCK_TIMEOUT": " 2.5 ",
+            "MIGRATION_STATEMENT_TIMEOUT": "600",
+            "MIGRATION_DATABASE_URL": " postgresql://app@db-direct:5432/app ",
+            "MIGRATION_LOCK_MODE": "Transaction",
+        }
+    )
+
+    assert settings.ddl_lock_timeout == 2.5
+    assert settings.statement_timeout == 600.0
+    assert settings.database_url == "postgresql://app@db-direct:5432/app"
+    assert settings.lock_mode == "transaction"
+
+
+@pytest.mark.parametrize("spelling", ["0", "off", "OFF", " 0.0 "])
+def test_server_timeout_off_spellings(spelling: str) -> None:
+    settings = Settings.from_env(
+        {"MIGRATION_DDL_LOCK_TIMEOUT": spelling, "MIGRATION_STATEMENT_TIMEOUT": spelling}
+    )
+
+    assert settings.ddl_lock_timeout is None
+    assert settings.statement_timeout is None
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "accepted"),
+    [
+        ("MIGRATION_DDL_LOCK_TIMEOUT", "abc", "seconds greater than 0 and at most 2147483"),
+        ("MIGRATION_DDL_LOCK_TIMEOUT", "-1", "seconds greater than 0 and at most 2147483"),
+        ("MIGRATION_DDL_LOCK_TIMEOUT", "", "seconds greater than 0 and at most 2147483"),
+        ("MIGRATION_DDL_LOCK_TIMEOUT", "0.0001", "seconds greater than 0 and at most 2147483"),
+        ("MIGRATION_DDL_LOCK_TIMEOUT", "3000000", "seconds greater than 0 and at most 2147483"),
+        ("MIGRATION_DDL_LOCK_TIMEOUT", "inf", "seconds greater than 0 and at most 2147483"),
+        ("MIGRATION_STATEMENT_TIMEOUT", "5s", "seconds greater than 0 and at most 2147483"),
+        ("MIGRATION_STATEMENT_TIMEOUT", "nan", "seconds greater than 0 and at most 2147483"),
+        ("MIGRATION_DATABASE_URL", "", "SQLAlchemy database URL"),
+        ("MIGRATION_DATABASE_URL", "   ", "SQLAlchemy database URL"),
+        ("MIGRATION_DATABASE_URL", "db-host:5432/app", "SQLAlchemy database URL"),
+        ("MIGRATION_LOCK_MODE", "", "use session"),
+        ("MIGRATION_LOCK_MODE", "table", "use session"),
+    ],
+)
+def test_invalid_production_setting(variable: str, value: str, accepted: str) -> None:
+    with pytest.raises(InvalidSettingError) as raised:
+        Settings.from_env({variable: value})
+
+    error = raised.value
+    assert error.name == variable
+    assert error.value == value
+    assert str(error).startswith(f"{variable}={value!r} is invalid")
+    assert accepted in str(error)
+
+
+def test_invalid_database_url_hides_password() -> None:
+    with pytest.raises(InvalidSettingError) as raised:
+        Settings.from_env({"MIGRATION_DATABASE_URL": "app:s3cret@db-host/app"})
+
+    assert "s3cret" not in str(raised.value)
+    assert "app:***@db-host/app" in str(raised.value)
+
+
+def test_production_doc_defaults_match_code() -> None:
+    page = (REPO_ROOT / "docs" / "production.md").read_text()
+    rows = dict(re.findall(r"^\| `([A-Z_]+)` \| [^|]+\| `([^`]*)` \|$", page, re.MULTILINE))
+    defaults = Settings()
+
+    assert rows["MIGRATION_DDL_LOCK_TIMEOUT"] == "off"
+    assert defaults.ddl_lock_timeout is None
+    assert rows["MIGRATION_STATEMENT_TIMEOUT"] == "off"
+    assert defaults.statement_timeout is None
+    assert rows["MIGRATION_DATABASE_URL"] == "unset"
+    assert defaults.database_url is None
+    assert rows["MIGRATION_LOCK_MODE"] == defaults.lock_mode
