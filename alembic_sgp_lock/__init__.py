@@ -3,7 +3,6 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from ._errors import (
-    ChecksumMismatchError,
     DdlLockTimeoutError,
     HalfAppliedMarker,
     HalfAppliedRevisionError,
@@ -31,7 +30,6 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
-    "ChecksumMismatchError",
     "DatabaseAheadError",
     "DdlLockTimeoutError",
     "ExitCode",

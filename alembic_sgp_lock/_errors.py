@@ -133,19 +133,6 @@ class RetriesExhaustedError(MigrationLockError):
         )
 
 
-class ChecksumMismatchError(MigrationLockError):
-    """Applied revision files changed after they were applied, and the policy is ``fail``."""
-
-    def __init__(self, revisions: list[str], details: str) -> None:
-        self.revisions = revisions
-        super().__init__(
-            f"Revision file(s) changed after they were applied: {', '.join(revisions)}.\n"
-            f"{details}\nRestore the applied version of each file, or review the change and "
-            "record it with `alembic-sgp-lock accept-checksum REVISION`; "
-            "MIGRATION_ON_CHECKSUM_MISMATCH=warn only logs a warning."
-        )
-
-
 class HalfAppliedRevisionError(MigrationLockError):
     """A previous run left a revision half applied; migrations wait for a manual repair."""
 

@@ -15,13 +15,13 @@ from sqlalchemy import engine_from_config, pool
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from . import _compat
-from ._errors import ChecksumMismatchError, HalfAppliedRevisionError, MigrationLockError
-from ._ledger import Ledger, StepRecorder, format_drift, utc_now
+from ._errors import HalfAppliedRevisionError, MigrationLockError
+from ._ledger import Ledger, StepRecorder, checksum_findings, utc_now
 from ._lock import commit_open_transaction, hold_lock
 from ._log import logger
 from ._marker import MarkerRecorder, read_marker
 from ._pooler import check_not_transaction_pooled
-from ._preflight import VersionTable, check_before_upgrade
+from ._preflight import PreflightReport, VersionTable, check_before_upgrade, log_report
 from ._retry import Attempt, run_with_retries
 from ._session import ddl_timeouts, prepare_connection, set_client_keepalives
 from ._settings import Settings
@@ -330,13 +330,11 @@ def _migrate_under_lock(
 def _check_checksums(
     connection: Connection, ledger: Ledger, heads: tuple[str, ...], settings: Settings
 ) -> None:
-    drift = ledger.checksum_drift(connection, heads)
-    if not drift:
-        return
-    details = format_drift(drift)
-    if settings.on_checksum_mismatch == "fail":
-        raise ChecksumMismatchError([item.revision for item in drift], details)
-    logger.warning("Applied revision file(s) changed since they were applied:\n%s", details)
+    findings = checksum_findings(connection, ledger, heads, settings.on_checksum_mismatch)
+    report = PreflightReport(tuple(findings))
+    if findings:
+        log_report(report)
+    report.raise_for_errors()
 
 
 def _configure_and_run(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -19,12 +19,16 @@ import alembic
 import sqlalchemy as sa
 from alembic.runtime.migration import MigrationInfo
 from alembic.script import ScriptDirectory
+from alembic.script.revision import RevisionError
 from alembic.util import CommandError
 from sqlalchemy.engine import Connection
 
 from ._checksum import revision_checksum
 from ._errors import MigrationLockError
 from ._log import logger
+from ._preflight import ERROR, WARNING, Finding
+
+CHECKSUM_MISMATCH = "checksum-mismatch"
 
 StepRecorder = Callable[[Connection, MigrationInfo, datetime, float], None]
 
@@ -127,7 +131,7 @@ class Ledger:
     def _is_known(self, revision: str) -> bool:
         try:
             return self.script.revision_map.get_revision(revision) is not None
-        except CommandError:
+        except (CommandError, RevisionError):
             return False
 
     def applied_revisions(self, heads: Sequence[str]) -> list[Any]:
@@ -264,13 +268,31 @@ class Ledger:
             return [dict(row._mapping) for row in result]
 
 
-def format_drift(drift: Iterable[ChecksumDrift]) -> str:
-    """Return one line per drifted revision, for logs and errors."""
-    lines = []
-    for item in drift:
+def checksum_findings(
+    connection: Connection, ledger: Ledger, heads: Sequence[str], policy: str
+) -> list[Finding]:
+    """Return a ``checksum-mismatch`` finding per drifted revision.
+
+    Each is an error when ``policy`` is ``fail`` and a warning otherwise.
+    """
+    findings = []
+    for item in ledger.checksum_drift(connection, heads):
         applied = item.applied_at.isoformat(sep=" ") + " UTC" if item.applied_at else "unknown"
-        lines.append(
-            f"{item.revision} ({item.path}) changed after it was applied at {applied}: "
-            f"recorded {item.recorded_checksum}, now {item.current_checksum}"
+        findings.append(
+            Finding(
+                code=CHECKSUM_MISMATCH,
+                severity=ERROR if policy == "fail" else WARNING,
+                message=(
+                    f"Revision {item.revision} ({item.path}) changed after it was applied at "
+                    f"{applied}: the ledger recorded {item.recorded_checksum}, the file is now "
+                    f"{item.current_checksum}."
+                ),
+                fix=(
+                    "restore the applied version of the file, or review the change and run "
+                    f"`alembic-sgp-lock accept-checksum {item.revision}`"
+                ),
+                revisions=(item.revision,),
+                objects=(item.path,),
+            )
         )
-    return "\n".join(lines)
+    return findings

@@ -9,174 +9,39 @@ by this process, so it neither locks twice nor waits for itself.
 
 from __future__ import annotations
 
-import json
 import logging.config
 import os
 import sys
 from argparse import ArgumentParser, Namespace
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
-import sqlalchemy as sa
 from alembic.config import CommandLine, Config
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 
-from ._backend import backend_for
+from ._commands import (
+    OUTPUT_FORMATS,
+    _connect,
+    _Options,
+    accept_checksum,
+    clear_half_applied_command,
+    ledger,
+    lock_status,
+    preflight,
+)
 from ._errors import MigrationLockError
-from ._exit_codes import ExitCode, exit_code_for
-from ._hook import _with_installed_driver
+from ._exit_codes import exit_code_for
 from ._lock import hold_lock
 from ._log import logger
-from ._preflight import (
-    InvalidConfigurationError,
-    PreflightError,
-    VersionTable,
-    check_before_upgrade,
-    run_checks,
-)
+from ._preflight import check_before_upgrade
 from ._retry import Attempt, run_with_retries
 from ._settings import Settings
 from ._state import read_heads
-from ._status import read_lock_status
 
 # Alembic commands that write the version table, and so run under the lock.
 LOCKED_COMMANDS = frozenset({"upgrade", "downgrade", "stamp"})
-OUTPUT_FORMATS = ("text", "json")
-
-
-def preflight(config: Config, target: str = "head", output_format: str = "text") -> None:
-    """Run the pre-flight checks without migrating; exit non-zero on an error finding."""
-    options = _Options.from_config(config)
-    settings = Settings.from_env()
-    script = ScriptDirectory.from_config(config)
-    with _connect(options) as connection:
-        rows = read_heads(connection, options.version_table.name, options.version_table.schema)
-        report = run_checks(
-            connection,
-            script,
-            rows,
-            version_table=options.version_table,
-            target=target,
-            on_unknown_revision=settings.on_unknown_revision,
-        )
-    status = ExitCode.OK
-    try:
-        report.raise_for_errors()
-    except PreflightError as error:
-        status = exit_code_for(error)
-    errors = len(report.errors)
-    warnings = len(report.findings) - errors
-    if output_format == "json":
-        document = {
-            "ok": status == ExitCode.OK,
-            "exit_code": int(status),
-            "database": options.safe_url,
-            "version_table": options.version_table.qualified(),
-            "target": target,
-            "revisions": list(rows),
-            "errors": errors,
-            "warnings": warnings,
-            "findings": [finding.as_dict() for finding in report.findings],
-        }
-        _write(config, json.dumps(document, indent=2))
-    else:
-        lines = [
-            f"Pre-flight checks on {options.safe_url}, version table "
-            f"{options.version_table.qualified()}, target {target}",
-            f"Database revision(s): {', '.join(rows) if rows else 'none'}",
-        ]
-        for finding in report.findings:
-            lines.append(f"{finding.severity} [{finding.code}] {finding.message}")
-            lines.append(f"  fix: {finding.fix}")
-        lines.append(f"{errors} error(s), {warnings} warning(s)")
-        _write(config, "\n".join(lines))
-    if status != ExitCode.OK:
-        raise SystemExit(int(status))
-
-
-def lock_status(config: Config, output_format: str = "text") -> None:
-    """Show whether the migration lock is held now, and by which session."""
-    options = _Options.from_config(config)
-    settings = Settings.from_env()
-    with _connect(options) as connection:
-        backend = backend_for(
-            connection,
-            version_table=options.version_table.name,
-            version_table_schema=options.version_table.schema,
-            lock_name=settings.lock_name,
-        )
-        status = read_lock_status(connection, backend)
-    if output_format == "json":
-        _write(config, json.dumps(status.as_dict(), indent=2))
-    else:
-        _write(config, status.describe())
-
-
-# argparse names a sub-command after the function; a Python name has no hyphen.
-lock_status.__name__ = "lock-status"
-
-
-def _write(config: Config, text: str) -> None:
-    # Not config.print_stdout: --quiet must not hide the one output a
-    # deploy pipeline reads.
-    config.stdout.write(text + "\n")
-    config.stdout.flush()
-
-
-class _Options:
-    """The database and version table that this command's own connection uses."""
-
-    def __init__(self, url: str | None, version_table: VersionTable) -> None:
-        self.url = url
-        self.version_table = version_table
-
-    @classmethod
-    def from_config(cls, config: Config) -> _Options:
-        namespace = config.cmd_opts if config.cmd_opts is not None else Namespace()
-        url = getattr(namespace, "database_url", None) or config.get_main_option("sqlalchemy.url")
-        table = VersionTable(
-            getattr(namespace, "version_table", None) or "alembic_version",
-            getattr(namespace, "version_table_schema", None),
-        )
-        return cls(url or None, table)
-
-    @property
-    def safe_url(self) -> str:
-        if self.url is None:
-            return "(no database URL)"
-        try:
-            return sa.engine.make_url(self.url).render_as_string(hide_password=True)
-        except sa.exc.ArgumentError:
-            return "(an invalid database URL)"
-
-    def engine(self) -> Engine:
-        """Build a NullPool engine for the URL; raise InvalidConfigurationError if unusable."""
-        if self.url is None:
-            raise InvalidConfigurationError(
-                "No database URL: pass --database-url to alembic-sgp-lock, or set "
-                "sqlalchemy.url in the ini section"
-            )
-        try:
-            url = _with_installed_driver(sa.engine.make_url(self.url))
-            return sa.create_engine(url, poolclass=sa.pool.NullPool)
-        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as error:
-            raise InvalidConfigurationError(
-                f"The database URL {self.safe_url} cannot be used: {error}. Pass the real URL "
-                "with --database-url, or fix sqlalchemy.url in the ini section"
-            ) from error
-
-
-@contextmanager
-def _connect(options: _Options) -> Iterator[Connection]:
-    engine = options.engine()
-    try:
-        with engine.connect() as connection:
-            yield connection
-    finally:
-        engine.dispose()
 
 
 class SgpCommandLine(CommandLine):
@@ -195,6 +60,30 @@ class SgpCommandLine(CommandLine):
         self._add_format_option(subparser)
         self.register_command(lock_status)
         self._add_format_option(self._subparser(lock_status))
+        self.register_command(clear_half_applied_command)
+        subparser = self._subparser(clear_half_applied_command)
+        subparser.add_argument(
+            "--stamp",
+            metavar="REVISION",
+            help=(
+                "also write REVISION to the version table, after finishing the marked "
+                "revision by hand (default: leave the version table as it is)"
+            ),
+        )
+        subparser.add_argument(
+            "--lock-timeout",
+            type=float,
+            default=0.0,
+            metavar="SECONDS",
+            help="seconds to wait for a running migration's lock (default: 0, fail at once)",
+        )
+        self.register_command(ledger)
+        self._add_format_option(self._subparser(ledger))
+        self.register_command(accept_checksum)
+        self._subparser(accept_checksum).add_argument(
+            "--note",
+            help="why the change was accepted, stored in the ledger row (at most 255 characters)",
+        )
 
     @staticmethod
     def _add_global_options(parser: ArgumentParser) -> None:

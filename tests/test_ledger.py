@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
+from tests.cli_support import run_cli
 from tests.support import EXAMPLE_HEAD, EXAMPLE_REVISIONS, Project, make_project, read_state
 
 DATABASES = [
@@ -121,8 +123,8 @@ def test_real_edit_warns(tmp_path: Path, database_url: str) -> None:
     finished = project.run("upgrade", "head", MIGRATION_LEDGER="true")
 
     assert finished.returncode == 0, finished.output
-    assert "WARNI" in finished.output
-    assert f"{EXAMPLE_REVISIONS[0]} (" in finished.output
+    assert "Pre-flight warning [checksum-mismatch]" in finished.output
+    assert f"Revision {EXAMPLE_REVISIONS[0]} (" in finished.output
     assert "changed after it was applied at" in finished.output
     assert read_state(database_url).versions == [EXAMPLE_HEAD]
 
@@ -138,9 +140,11 @@ def test_real_edit_fails_when_policy_fail(tmp_path: Path, database_url: str) -> 
     )
 
     assert finished.returncode != 0
-    assert "Revision file(s) changed after they were applied: 1a0c7e2b9d01" in finished.output
-    assert "recorded sha256:" in finished.output
-    assert ", now sha256:" in finished.output
+    assert "Pre-flight checks failed; nothing was migrated" in finished.output
+    assert f"[checksum-mismatch] Revision {EXAMPLE_REVISIONS[0]} (" in finished.output
+    assert "the ledger recorded sha256:" in finished.output
+    assert "the file is now sha256:" in finished.output
+    assert f"accept-checksum {EXAMPLE_REVISIONS[0]}" in finished.output
     assert read_state(database_url).versions == [EXAMPLE_REVISIONS[1]]
     assert ledger_rows(database_url) == rows_before
 
@@ -163,4 +167,76 @@ def test_invalid_ledger_setting(
 
     assert finished.returncode != 0
     assert f"{variable}={value!r} is invalid" in finished.output
+    assert read_state(sqlite_url).tables == set()
+
+
+def test_ledger_command_text_and_json(tmp_path: Path, database_url: str) -> None:
+    project = make_project(tmp_path, database_url)
+    assert project.run("upgrade", "head", MIGRATION_LEDGER="true").returncode == 0
+
+    text = run_cli(project, "ledger")
+    as_json = run_cli(project, "ledger", "--format", "json")
+
+    assert text.returncode == 0, text.output
+    header = text.stdout.splitlines()[0].split()
+    assert header[:4] == ["id", "revision", "direction", "outcome"]
+    for revision in EXAMPLE_REVISIONS:
+        assert revision in text.stdout
+    assert as_json.returncode == 0, as_json.output
+    rows = json.loads(as_json.stdout)
+    assert [row["revision"] for row in rows] == list(EXAMPLE_REVISIONS)
+    assert all(row["direction"] == "upgrade" for row in rows)
+    assert all(row["checksum"].startswith("sha256:") for row in rows)
+
+
+def test_preflight_reports_checksum_mismatch(tmp_path: Path, database_url: str) -> None:
+    project = make_project(tmp_path, database_url)
+    assert project.run("upgrade", "head", MIGRATION_LEDGER="true").returncode == 0
+    edit_first_revision(project)
+
+    warned = run_cli(project, "preflight", "--format", "json")
+    failed = run_cli(
+        project, "preflight", "--format", "json", MIGRATION_ON_CHECKSUM_MISMATCH="fail"
+    )
+
+    assert warned.returncode == 0, warned.output
+    finding = json.loads(warned.stdout)["findings"][0]
+    assert finding["code"] == "checksum-mismatch"
+    assert finding["severity"] == "warning"
+    assert finding["revisions"] == [EXAMPLE_REVISIONS[0]]
+    assert failed.returncode == 6, failed.output
+    assert json.loads(failed.stdout)["findings"][0]["severity"] == "error"
+
+
+def test_accept_checksum_clears_drift(tmp_path: Path, database_url: str) -> None:
+    project = make_project(tmp_path, database_url)
+    assert project.run("upgrade", EXAMPLE_REVISIONS[1], MIGRATION_LEDGER="true").returncode == 0
+    edit_first_revision(project)
+
+    accepted = run_cli(
+        project, "accept-checksum", EXAMPLE_REVISIONS[0], "--note", "widened name, reviewed"
+    )
+    finished = project.run(
+        "upgrade", "head", MIGRATION_LEDGER="true", MIGRATION_ON_CHECKSUM_MISMATCH="fail"
+    )
+
+    assert accepted.returncode == 0, accepted.output
+    assert f"Accepted the current file of {EXAMPLE_REVISIONS[0]}" in accepted.stdout
+    assert finished.returncode == 0, finished.output
+    rows = ledger_rows(database_url)
+    accept_rows = [row for row in rows if row["direction"] == "accept"]
+    assert len(accept_rows) == 1
+    assert accept_rows[0]["revision"] == EXAMPLE_REVISIONS[0]
+    assert accept_rows[0]["note"] == "widened name, reviewed"
+    assert accept_rows[0]["outcome"] == "accepted"
+    assert read_state(database_url).versions == [EXAMPLE_HEAD]
+
+
+def test_accept_checksum_unknown_revision(tmp_path: Path, sqlite_url: str) -> None:
+    project = make_project(tmp_path, sqlite_url)
+
+    finished = run_cli(project, "accept-checksum", "ffffffffffff")
+
+    assert finished.returncode == 1
+    assert "Revision 'ffffffffffff' is not in the scripts" in finished.stderr
     assert read_state(sqlite_url).tables == set()

@@ -23,6 +23,7 @@ from alembic_sgp_lock import (
     clear_half_applied,
 )
 from alembic_sgp_lock._mysql import MAX_LOCK_NAME_LENGTH, lock_name
+from tests.cli_support import run_cli
 from tests.conftest import MYSQL_ADMIN_URL
 from tests.support import EXAMPLE_HEAD, EXAMPLE_REVISIONS, Project, make_project, read_state
 
@@ -237,10 +238,14 @@ def test_killed_holder_leaves_marker(tmp_path: Path, mysql_url: str) -> None:
     with engine.begin() as connection:
         connection.execute(sa.text("CREATE TABLE after_sleep (id INTEGER PRIMARY KEY)"))
     engine.dispose()
-    cleared = clear_half_applied(Config(str(project.ini)), url=mysql_url, stamp=SLOW_REVISION_ID)
+    cleared = run_cli(project, "clear-half-applied", "--stamp", SLOW_REVISION_ID)
     finished = project.run("upgrade", "head")
 
-    assert cleared.revision == SLOW_REVISION_ID
+    assert cleared.returncode == 0, cleared.output
+    assert (
+        f"Cleared the half-applied marker of revision {SLOW_REVISION_ID} "
+        f"and stamped {SLOW_REVISION_ID}"
+    ) in cleared.stdout
     assert marker_rows(mysql_url) == []
     assert finished.returncode == 0, finished.output
     assert "nothing to migrate" in finished.output
@@ -294,10 +299,11 @@ def test_failed_revision_marked_then_recovered(tmp_path: Path, mysql_url: str) -
     project.add_revision(
         FAILING_REVISION_ID, EXAMPLE_HEAD, FAILING_REVISION.replace("SELEC", "SELECT 1 --")
     )
-    cleared = clear_half_applied(Config(str(project.ini)), url=mysql_url)
+    cleared = run_cli(project, "clear-half-applied")
     finished = project.run("upgrade", "head")
 
-    assert cleared.statement_count == 2
+    assert cleared.returncode == 0, cleared.output
+    assert f"Cleared the half-applied marker of revision {FAILING_REVISION_ID}" in cleared.stdout
     assert finished.returncode == 0, finished.output
     state = read_state(mysql_url)
     assert state.versions == [FAILING_REVISION_ID]
@@ -332,6 +338,20 @@ def test_recovery_rejected_while_locked(tmp_path: Path, mysql_url: str) -> None:
         engine.dispose()
 
     assert f"connection id {blocker_id}" in str(raised.value)
+
+
+def test_recovery_command_rejected_while_locked(tmp_path: Path, mysql_url: str) -> None:
+    project = make_project(tmp_path, mysql_url)
+    engine, blocker, blocker_id = hold_mysql_lock(mysql_url)
+    try:
+        finished = run_cli(project, "clear-half-applied", "--lock-timeout", "1")
+    finally:
+        blocker.close()
+        engine.dispose()
+
+    assert finished.returncode == 4, finished.output
+    assert "Timed out after 1.0 s" in finished.stderr
+    assert f"connection id {blocker_id}" in finished.stderr
 
 
 def test_recovery_without_marker_fails(tmp_path: Path, mysql_url: str) -> None:

@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from alembic_sgp_lock import LockTimeoutError, Settings, migration_lock
+from tests.cli_support import run_cli
 from tests.support import EXAMPLE_HEAD, make_project, read_state
 
 SLEEP_BEFORE_DDL = """
@@ -52,8 +53,18 @@ def test_killed_holder_frees_lock_file(tmp_path: Path, sqlite_url: str) -> None:
 
     os.kill(holder.pid, signal.SIGKILL)
     holder.communicate(timeout=30)
+    # SQLite has no transactional DDL, so the killed revision is marked as
+    # half applied; the next run gets the lock at once and stops on the marker.
+    rejected = project.run("upgrade", "head", MIGRATION_LOCK_TIMEOUT="10")
+    cleared = run_cli(project, "clear-half-applied")
     finished = project.run("upgrade", "head", MIGRATION_LOCK_TIMEOUT="10")
 
+    assert rejected.returncode != 0
+    assert "Timed out" not in rejected.output
+    assert "Revision 4d3f0b5e2a34 (upgrade from 3c2e9a4d1f23" in rejected.output
+    assert "alembic-sgp-lock clear-half-applied" in rejected.output
+    assert cleared.returncode == 0, cleared.output
+    assert "Cleared the half-applied marker of revision 4d3f0b5e2a34" in cleared.stdout
     assert finished.returncode == 0, finished.output
     state = read_state(sqlite_url)
     assert "slow_step" in state.tables

@@ -1,0 +1,267 @@
+"""The plugin's own sub-commands of ``alembic-sgp-lock``, each a function of an Alembic Config.
+
+Alembic's ``CommandLine.register_command`` turns each function's parameters
+into positional arguments and options; ``cli.py`` adds the help texts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from argparse import Namespace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+
+import sqlalchemy as sa
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection, Engine
+
+from ._backend import backend_for
+from ._exit_codes import ExitCode, exit_code_for
+from ._hook import _with_installed_driver
+from ._ledger import Ledger, checksum_findings
+from ._preflight import (
+    InvalidConfigurationError,
+    PreflightError,
+    PreflightReport,
+    VersionTable,
+    run_checks,
+)
+from ._recovery import clear_half_applied
+from ._settings import Settings
+from ._state import read_heads
+from ._status import read_lock_status
+
+OUTPUT_FORMATS = ("text", "json")
+
+
+def preflight(config: Config, target: str = "head", output_format: str = "text") -> None:
+    """Run the pre-flight checks without migrating; exit non-zero on an error finding."""
+    options = _Options.from_config(config)
+    settings = Settings.from_env()
+    script = ScriptDirectory.from_config(config)
+    with _connect(options) as connection:
+        rows = read_heads(connection, options.version_table.name, options.version_table.schema)
+        report = run_checks(
+            connection,
+            script,
+            rows,
+            version_table=options.version_table,
+            target=target,
+            on_unknown_revision=settings.on_unknown_revision,
+        )
+        drift = checksum_findings(
+            connection,
+            Ledger(settings.ledger_table, options.version_table.schema, script),
+            rows,
+            settings.on_checksum_mismatch,
+        )
+        report = PreflightReport(report.findings + tuple(drift))
+    status = ExitCode.OK
+    try:
+        report.raise_for_errors()
+    except PreflightError as error:
+        status = exit_code_for(error)
+    errors = len(report.errors)
+    warnings = len(report.findings) - errors
+    if output_format == "json":
+        document = {
+            "ok": status == ExitCode.OK,
+            "exit_code": int(status),
+            "database": options.safe_url,
+            "version_table": options.version_table.qualified(),
+            "target": target,
+            "revisions": list(rows),
+            "errors": errors,
+            "warnings": warnings,
+            "findings": [finding.as_dict() for finding in report.findings],
+        }
+        _write(config, json.dumps(document, indent=2))
+    else:
+        lines = [
+            f"Pre-flight checks on {options.safe_url}, version table "
+            f"{options.version_table.qualified()}, target {target}",
+            f"Database revision(s): {', '.join(rows) if rows else 'none'}",
+        ]
+        for finding in report.findings:
+            lines.append(f"{finding.severity} [{finding.code}] {finding.message}")
+            lines.append(f"  fix: {finding.fix}")
+        lines.append(f"{errors} error(s), {warnings} warning(s)")
+        _write(config, "\n".join(lines))
+    if status != ExitCode.OK:
+        raise SystemExit(int(status))
+
+
+def lock_status(config: Config, output_format: str = "text") -> None:
+    """Show whether the migration lock is held now, and by which session."""
+    options = _Options.from_config(config)
+    settings = Settings.from_env()
+    with _connect(options) as connection:
+        backend = backend_for(
+            connection,
+            version_table=options.version_table.name,
+            version_table_schema=options.version_table.schema,
+            lock_name=settings.lock_name,
+        )
+        status = read_lock_status(connection, backend)
+    if output_format == "json":
+        _write(config, json.dumps(status.as_dict(), indent=2))
+    else:
+        _write(config, status.describe())
+
+
+# argparse names a sub-command after the function; a Python name has no hyphen.
+lock_status.__name__ = "lock-status"
+
+
+def _write(config: Config, text: str) -> None:
+    # Not config.print_stdout: --quiet must not hide the one output a
+    # deploy pipeline reads.
+    config.stdout.write(text + "\n")
+    config.stdout.flush()
+
+
+class _Options:
+    """The database and version table that this command's own connection uses."""
+
+    def __init__(self, url: str | None, version_table: VersionTable) -> None:
+        self.url = url
+        self.version_table = version_table
+
+    @classmethod
+    def from_config(cls, config: Config) -> _Options:
+        namespace = config.cmd_opts if config.cmd_opts is not None else Namespace()
+        url = (
+            getattr(namespace, "database_url", None)
+            or os.environ.get("MIGRATION_DATABASE_URL")
+            or config.get_main_option("sqlalchemy.url")
+        )
+        table = VersionTable(
+            getattr(namespace, "version_table", None) or "alembic_version",
+            getattr(namespace, "version_table_schema", None),
+        )
+        return cls(url or None, table)
+
+    @property
+    def safe_url(self) -> str:
+        if self.url is None:
+            return "(no database URL)"
+        try:
+            return sa.engine.make_url(self.url).render_as_string(hide_password=True)
+        except sa.exc.ArgumentError:
+            return "(an invalid database URL)"
+
+    def engine(self) -> Engine:
+        """Build a NullPool engine for the URL; raise InvalidConfigurationError if unusable."""
+        if self.url is None:
+            raise InvalidConfigurationError(
+                "No database URL: pass --database-url to alembic-sgp-lock, or set "
+                "sqlalchemy.url in the ini section"
+            )
+        try:
+            url = _with_installed_driver(sa.engine.make_url(self.url))
+            return sa.create_engine(url, poolclass=sa.pool.NullPool)
+        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as error:
+            raise InvalidConfigurationError(
+                f"The database URL {self.safe_url} cannot be used: {error}. Pass the real URL "
+                "with --database-url, or fix sqlalchemy.url in the ini section"
+            ) from error
+
+
+@contextmanager
+def _connect(options: _Options) -> Iterator[Connection]:
+    engine = options.engine()
+    try:
+        with engine.connect() as connection:
+            yield connection
+    finally:
+        engine.dispose()
+
+
+def clear_half_applied_command(
+    config: Config, stamp: str | None = None, lock_timeout: float = 0.0
+) -> None:
+    """Delete the half-applied marker after the schema was repaired by hand."""
+    options = _Options.from_config(config)
+    if options.url is None:
+        options.engine()  # raises InvalidConfigurationError naming the fix
+    marker = clear_half_applied(
+        config,
+        url=options.url,
+        stamp=stamp,
+        version_table=options.version_table.name,
+        version_table_schema=options.version_table.schema,
+        lock_timeout=lock_timeout,
+    )
+    done = f"Cleared the half-applied marker of revision {marker.revision}"
+    _write(config, done + (f" and stamped {stamp}" if stamp else ""))
+
+
+clear_half_applied_command.__name__ = "clear-half-applied"
+
+
+def ledger(config: Config, output_format: str = "text") -> None:
+    """Show the revision ledger: every applied step, oldest first."""
+    options = _Options.from_config(config)
+    settings = Settings.from_env()
+    book = Ledger(
+        settings.ledger_table, options.version_table.schema, ScriptDirectory.from_config(config)
+    )
+    with _connect(options) as connection:
+        rows = book.history(connection)
+    if output_format == "json":
+        _write(config, json.dumps(rows, indent=2, default=_json_value))
+        return
+    if not rows:
+        _write(config, f"The ledger {settings.ledger_table} is empty or does not exist.")
+        return
+    columns = [
+        "id",
+        "revision",
+        "direction",
+        "outcome",
+        "finished_at",
+        "duration_ms",
+        "host",
+        "pid",
+        "database_user",
+        "checksum",
+    ]
+    table = [columns] + [[_text_value(row.get(column)) for column in columns] for row in rows]
+    widths = [max(len(line[index]) for line in table) for index in range(len(columns))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+        for line in table
+    ]
+    _write(config, "\n".join(line.rstrip() for line in lines))
+
+
+def accept_checksum(config: Config, revision: str, note: str | None = None) -> None:
+    """Record the current file of an applied revision as reviewed and correct."""
+    options = _Options.from_config(config)
+    settings = Settings.from_env()
+    book = Ledger(
+        settings.ledger_table, options.version_table.schema, ScriptDirectory.from_config(config)
+    )
+    with _connect(options) as connection:
+        checksum = book.accept(connection, revision, note)
+    _write(config, f"Accepted the current file of {revision} as applied: {checksum}")
+
+
+accept_checksum.__name__ = "accept-checksum"
+
+
+def _json_value(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ")
+    return str(value)
+
+
+def _text_value(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ", timespec="seconds")
+    return str(value)
