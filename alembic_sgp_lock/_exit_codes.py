@@ -5,8 +5,11 @@ from __future__ import annotations
 import enum
 
 from ._errors import (
+    HalfAppliedRevisionError,
     InvalidSettingError,
+    LockModeError,
     LockTimeoutError,
+    PoolerTransactionModeError,
     RetriesExhaustedError,
     UnsupportedDialectError,
 )
@@ -22,13 +25,15 @@ class ExitCode(enum.IntEnum):
     FAILURE = 1
     #: The command line itself is invalid (argparse's status).
     USAGE = 2
-    #: A ``MIGRATION_*`` setting, the database URL or the dialect cannot be used.
+    #: A ``MIGRATION_*`` setting, the database URL, the dialect or the pooler
+    #: mode cannot be used.
     INVALID_CONFIGURATION = 3
     #: The migration lock was not acquired within ``MIGRATION_LOCK_TIMEOUT``.
     LOCK_TIMEOUT = 4
     #: Every attempt failed with a transient error.
     RETRIES_EXHAUSTED = 5
-    #: A pre-flight check found an error; nothing was migrated.
+    #: A pre-flight check found an error, or a half-applied revision waits for
+    #: repair; nothing was migrated.
     PREFLIGHT_FAILED = 6
     #: The database contains a revision that the migration scripts do not.
     DATABASE_AHEAD = 7
@@ -40,14 +45,21 @@ def exit_code_for(error: BaseException) -> ExitCode:
     # timeout that used up every retry is reported as retries exhausted.
     if isinstance(error, DatabaseAheadError):
         return ExitCode.DATABASE_AHEAD
-    if isinstance(error, PreflightError):
+    if isinstance(error, (PreflightError, HalfAppliedRevisionError)):
         return ExitCode.PREFLIGHT_FAILED
     if isinstance(error, RetriesExhaustedError):
         return ExitCode.RETRIES_EXHAUSTED
     if isinstance(error, LockTimeoutError):
         return ExitCode.LOCK_TIMEOUT
     if isinstance(
-        error, (InvalidSettingError, UnsupportedDialectError, InvalidConfigurationError)
+        error,
+        (
+            InvalidSettingError,
+            UnsupportedDialectError,
+            InvalidConfigurationError,
+            PoolerTransactionModeError,
+            LockModeError,
+        ),
     ):
         return ExitCode.INVALID_CONFIGURATION
     return ExitCode.FAILURE

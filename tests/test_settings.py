@@ -184,9 +184,13 @@ def test_invalid_database_url_hides_password() -> None:
     assert "app:***@db-host/app" in str(raised.value)
 
 
-def test_production_doc_defaults_match_code() -> None:
-    page = (REPO_ROOT / "docs" / "production.md").read_text()
-    rows = dict(re.findall(r"^\| `([A-Z_]+)` \| [^|]+\| `([^`]*)` \|$", page, re.MULTILINE))
+def readme_settings_rows() -> dict[str, str]:
+    readme = (REPO_ROOT / "README.md").read_text()
+    return dict(re.findall(r"^\| `([A-Z_]+)` \| [^|]+\| `([^`]*)` \|$", readme, re.MULTILINE))
+
+
+def test_readme_newer_defaults_match_code() -> None:
+    rows = readme_settings_rows()
     defaults = Settings()
 
     assert rows["MIGRATION_DDL_LOCK_TIMEOUT"] == "off"
@@ -196,3 +200,18 @@ def test_production_doc_defaults_match_code() -> None:
     assert rows["MIGRATION_DATABASE_URL"] == "unset"
     assert defaults.database_url is None
     assert rows["MIGRATION_LOCK_MODE"] == defaults.lock_mode
+    assert rows["MIGRATION_ON_UNKNOWN_REVISION"] == defaults.on_unknown_revision
+    assert rows["MIGRATION_MARKER_TABLE"] == defaults.marker_table
+    assert rows["MIGRATION_LEDGER"] == "false"
+    assert defaults.ledger is False
+    assert rows["MIGRATION_LEDGER_TABLE"] == defaults.ledger_table
+    assert rows["MIGRATION_ON_CHECKSUM_MISMATCH"] == defaults.on_checksum_mismatch
+
+
+def test_readme_lists_every_variable() -> None:
+    source = (REPO_ROOT / "alembic_sgp_lock" / "_settings.py").read_text()
+    read_by_code = set(re.findall(r'"((?:RUN_|MIGRATION_)[A-Z_]+)"', source))
+    documented = set(readme_settings_rows())
+
+    assert "MIGRATION_LEDGER" in read_by_code
+    assert read_by_code - documented == set()
