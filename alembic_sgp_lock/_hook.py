@@ -5,30 +5,25 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from alembic import context
-from alembic.runtime.migration import MigrationInfo
 from sqlalchemy import engine_from_config, pool
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from . import _compat
-from ._errors import HalfAppliedRevisionError, MigrationLockError
-from ._ledger import Ledger, StepRecorder, checksum_findings, utc_now
-from ._lock import commit_open_transaction, hold_lock
+from ._errors import MigrationLockError
+from ._lock import hold_lock
 from ._log import logger
-from ._marker import MarkerRecorder, read_marker
+from ._migrate import configure_and_run, migrate_under_lock
 from ._pooler import check_not_transaction_pooled
-from ._preflight import PreflightReport, VersionTable, check_before_upgrade, log_report
 from ._retry import Attempt, run_with_retries
 from ._session import ddl_timeouts, prepare_connection, set_client_keepalives
 from ._settings import Settings
 from ._signals import stop_on_signals
 from ._state import format_heads, read_heads
 from ._transaction_lock import (
-    REJECTED_AUTOCOMMIT,
     migrate_in_one_transaction,
     reject_transaction_per_migration,
 )
@@ -167,7 +162,7 @@ def _run_online(
     if not _compat.command_writes_version_table(environment):
         # current, heads, check and the like: never wait behind a migration.
         with engine.connect() as connection:
-            _configure_and_run(connection, target_metadata, configure_options, None)
+            configure_and_run(connection, target_metadata, configure_options, None)
         return
 
     version_table = configure_options.get("version_table", "alembic_version")
@@ -209,7 +204,7 @@ def _run_online(
                         version_table_schema=version_table_schema,
                         timeout=min(settings.lock_timeout, attempt.remaining()),
                         # Alembic reads the heads itself, inside the locked transaction.
-                        migrate=lambda locked: _configure_and_run(
+                        migrate=lambda locked: configure_and_run(
                             locked, target_metadata, configure_options, attempt
                         ),
                     )
@@ -228,7 +223,7 @@ def _run_online(
                     else _unlocked(),
                     ddl_timeouts(connection, settings),
                 ):
-                    _migrate_under_lock(
+                    migrate_under_lock(
                         connection,
                         target_metadata,
                         configure_options,
@@ -265,146 +260,3 @@ def _ledger_needs_baseline(
         return not sa.inspect(connection).has_table(
             settings.ledger_table, schema=version_table_schema
         )
-
-
-def _migrate_under_lock(
-    connection: Connection,
-    target_metadata: Any,
-    configure_options: dict[str, Any],
-    attempt: Attempt,
-    version_table: str,
-    version_table_schema: str | None,
-    settings: Settings,
-) -> None:
-    # Another instance may have migrated while this one waited.
-    heads_before = read_heads(connection, version_table, version_table_schema)
-    logger.info("Revision before migrating: %s", format_heads(heads_before))
-    marker_table = settings.marker_table
-    marker = read_marker(
-        connection,
-        marker_table_name=marker_table,
-        version_table=version_table,
-        version_table_schema=version_table_schema,
-    )
-    if marker is not None:
-        raise HalfAppliedRevisionError(marker, marker_table)
-    environment = _compat.current_environment()
-    if (
-        environment is not None
-        and _compat.command_name(environment) == "upgrade"
-        and not check_before_upgrade(
-            connection,
-            environment.script,
-            heads_before,
-            version_table=VersionTable(version_table, version_table_schema),
-            target=_compat.destination_revision(environment),
-            on_unknown_revision=settings.on_unknown_revision,
-        )
-    ):
-        return
-    ledger = None
-    if settings.ledger:
-        ledger = Ledger(settings.ledger_table, version_table_schema, context.script)
-        _check_checksums(connection, ledger, heads_before, settings)
-        ledger.prepare(connection, heads_before)
-    marker_recorder = MarkerRecorder(
-        connection,
-        marker_table_name=marker_table,
-        version_table=version_table,
-        version_table_schema=version_table_schema,
-    )
-    ledger_recorder = ledger.step_recorder() if ledger is not None else None
-    started = time.monotonic()
-    _configure_and_run(
-        connection, target_metadata, configure_options, attempt, ledger_recorder, marker_recorder
-    )
-    commit_open_transaction(connection)
-    heads_after = read_heads(connection, version_table, version_table_schema)
-    logger.info(
-        "Revision after migrating: %s (%.2f s)",
-        format_heads(heads_after),
-        time.monotonic() - started,
-    )
-
-
-def _check_checksums(
-    connection: Connection, ledger: Ledger, heads: tuple[str, ...], settings: Settings
-) -> None:
-    findings = checksum_findings(connection, ledger, heads, settings.on_checksum_mismatch)
-    report = PreflightReport(tuple(findings))
-    if findings:
-        log_report(report)
-    report.raise_for_errors()
-
-
-def _configure_and_run(
-    connection: Connection,
-    target_metadata: Any,
-    configure_options: dict[str, Any],
-    attempt: Attempt | None,
-    ledger_recorder: StepRecorder | None = None,
-    recorder: MarkerRecorder | None = None,
-) -> None:
-    options = dict(configure_options)
-    callbacks: list[Callable[..., None]] = [_step_logger(ledger_recorder)]
-    if recorder is not None:
-        # The marker's callback deletes it in the version write's transaction.
-        callbacks.append(recorder.on_version_apply)
-    # Alembic accepts one callable or a sequence of them.
-    user_callbacks = options.get("on_version_apply")
-    if callable(user_callbacks):
-        callbacks.append(user_callbacks)
-    elif user_callbacks:
-        callbacks.extend(user_callbacks)
-    options["on_version_apply"] = callbacks
-    context.configure(connection=connection, target_metadata=target_metadata, **options)
-    if connection.in_transaction():
-        # Only MIGRATION_LOCK_MODE=transaction migrates inside a transaction of its own.
-        _compat.forbid_autocommit_block(context.get_context(), REJECTED_AUTOCOMMIT)
-    transactional_ddl = bool(context.get_context().impl.transactional_ddl)
-    if attempt is not None:
-        attempt.transactional_ddl = transactional_ddl
-        attempt.migrations_started = True
-    if recorder is not None and not transactional_ddl:
-        if _compat.replace_steps_function(context.get_context(), recorder.wrap_steps):
-            recorder.listen()
-        else:
-            logger.warning(
-                "This Alembic release cannot be hooked before each revision; "
-                "half-applied revisions will not be marked"
-            )
-            recorder = None
-    else:
-        recorder = None
-    try:
-        with context.begin_transaction():
-            context.run_migrations()
-    except Exception as error:
-        if recorder is not None:
-            recorder.record_failure(error)
-        raise
-    finally:
-        if recorder is not None:
-            recorder.stop_listening()
-
-
-def _step_logger(recorder: StepRecorder | None) -> Callable[..., None]:
-    step_started = time.monotonic()
-    step_started_at = utc_now()
-
-    def on_version_apply(
-        *, ctx: Any, step: MigrationInfo, heads: set[str], run_args: dict[str, Any]
-    ) -> None:
-        nonlocal step_started, step_started_at
-        duration = time.monotonic() - step_started
-        source = ", ".join(step.source_revision_ids) or "base"
-        destination = ", ".join(step.destination_revision_ids) or "base"
-        kind = "stamp" if step.is_stamp else "upgrade" if step.is_upgrade else "downgrade"
-        logger.info("Applied %s %s -> %s in %.2f s", kind, source, destination, duration)
-        if recorder is not None:
-            # The migration's own connection, so the row shares the revision's transaction.
-            recorder(ctx.connection, step, step_started_at, duration)
-        step_started = time.monotonic()
-        step_started_at = utc_now()
-
-    return on_version_apply
