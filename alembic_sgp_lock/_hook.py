@@ -66,7 +66,8 @@ def run_migrations(
 
 def _build_engine(url: str | None) -> Engine:
     config = context.config
-    options = dict(config.get_section(config.config_ini_section, {}))
+    # Values are strings from the ini file, except the URL object set below.
+    options: dict[str, Any] = dict(config.get_section(config.config_ini_section, {}))
     if url is not None:
         options["sqlalchemy.url"] = url
     if not options.get("sqlalchemy.url"):

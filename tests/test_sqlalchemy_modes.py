@@ -3,7 +3,7 @@
 SQLAlchemy 2.x, and 1.4 engines made with ``future=True``, begin a transaction
 on the first statement (autobegin). A lock statement before
 ``context.configure()`` would then make Alembic run every revision inside a
-transaction that nobody commits. SQLAlchemy 1.4 engines without ``future=True``
+transaction that is never committed. SQLAlchemy 1.4 engines without ``future=True``
 do not autobegin. Each case checks the result from a second connection.
 """
 
@@ -110,6 +110,20 @@ def test_migration_lock_commits(
     assert_migrated(url)
 
 
+@pytest.mark.postgresql
+def test_bare_postgresql_url_connects(tmp_path: Path, pg_url: str) -> None:
+    # SQLAlchemy 2.1 maps postgresql:// to psycopg 3, which this package does
+    # not install, while 1.4 and 2.0 map it to psycopg2.
+    bare_url = sa.engine.make_url(pg_url).set(drivername="postgresql")
+    project = make_project(tmp_path, bare_url.render_as_string(hide_password=False))
+
+    finished = project.run("upgrade", "head")
+
+    assert finished.returncode == 0, finished.output
+    assert_migrated(pg_url)
+
+
+@pytest.mark.postgresql
 @pytest.mark.parametrize("future", MODES)
 def test_migration_lock_rejects_open_transaction(
     tmp_path: Path, pg_url: str, future: bool
