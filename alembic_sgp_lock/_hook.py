@@ -114,6 +114,7 @@ async def _run_online_async(
 
 def _build_engine(url: str | None) -> Engine | AsyncEngine:
     config = context.config
+    # Values are strings from the ini file, except the URL object set below.
     options: dict[str, Any] = dict(config.get_section(config.config_ini_section, {}))
     if url is not None:
         options["sqlalchemy.url"] = url

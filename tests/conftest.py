@@ -9,10 +9,14 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
+import alembic
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
+
+import alembic_sgp_lock
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "POSTGRES_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
@@ -38,11 +42,26 @@ def _server_version(url: str) -> str:
         engine.dispose()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # tox sets this so that a test run never passes on the source tree while
+    # the built package is broken, for example by a file missing from the wheel.
+    if os.environ.get("ALEMBIC_SGP_LOCK_TEST_INSTALLED"):
+        package_dir = Path(alembic_sgp_lock.__file__).resolve().parent
+        source_dir = Path(__file__).resolve().parents[1] / "alembic_sgp_lock"
+        if package_dir == source_dir:
+            raise pytest.UsageError(
+                f"alembic_sgp_lock was imported from the source tree {package_dir}, but "
+                "ALEMBIC_SGP_LOCK_TEST_INSTALLED requires the installed package; run the "
+                "pytest script with --import-mode=append instead of python -m pytest"
+            )
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     return [
         f"postgresql: {_server_version(POSTGRES_ADMIN_URL)}",
         f"mysql: {_server_version(MYSQL_ADMIN_URL)}",
-        f"sqlalchemy: {sa.__version__}",
+        f"sqlalchemy: {sa.__version__}, alembic: {alembic.__version__}",
+        f"alembic-sgp-lock: {alembic_sgp_lock.__version__} from {alembic_sgp_lock.__file__}",
     ]
 
 
