@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._autogenerate import exclude_plugin_tables
 from ._errors import (
     DdlLockTimeoutError,
     HalfAppliedMarker,
@@ -50,6 +51,7 @@ __all__ = [
     "UnsupportedDialectError",
     "__version__",
     "clear_half_applied",
+    "exclude_plugin_tables",
     "migration_lock",
     "run_migrations",
 ]

@@ -18,11 +18,16 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
+from . import _compat
 from ._backend import backend_for
+from ._errors import HalfAppliedMarker, MigrationLockError
 from ._exit_codes import ExitCode, exit_code_for
-from ._hook import _with_installed_driver
 from ._ledger import Ledger, checksum_findings
+from ._marker import read_marker
 from ._preflight import (
+    ERROR,
+    HALF_APPLIED_REVISION,
+    Finding,
     InvalidConfigurationError,
     PreflightError,
     PreflightReport,
@@ -30,7 +35,7 @@ from ._preflight import (
     run_checks,
 )
 from ._recovery import clear_half_applied
-from ._settings import Settings
+from ._settings import Settings, without_password
 from ._state import read_heads
 from ._status import read_lock_status
 
@@ -58,7 +63,14 @@ def preflight(config: Config, target: str = "head", output_format: str = "text")
             rows,
             settings.on_checksum_mismatch,
         )
-        report = PreflightReport(report.findings + tuple(drift))
+        marker = read_marker(
+            connection,
+            marker_table_name=settings.marker_table,
+            version_table=options.version_table.name,
+            version_table_schema=options.version_table.schema,
+        )
+        half_applied = [] if marker is None else [half_applied_finding(marker)]
+        report = PreflightReport(report.findings + tuple(drift) + tuple(half_applied))
     status = ExitCode.OK
     try:
         report.raise_for_errors()
@@ -151,7 +163,7 @@ class _Options:
         try:
             return sa.engine.make_url(self.url).render_as_string(hide_password=True)
         except sa.exc.ArgumentError:
-            return "(an invalid database URL)"
+            return repr(without_password(self.url))
 
     def engine(self) -> Engine:
         """Build a NullPool engine for the URL; raise InvalidConfigurationError if unusable."""
@@ -161,9 +173,10 @@ class _Options:
                 "sqlalchemy.url in the ini section"
             )
         try:
-            url = _with_installed_driver(sa.engine.make_url(self.url))
+            url = _compat.with_installed_driver(sa.engine.make_url(self.url))
             return sa.create_engine(url, poolclass=sa.pool.NullPool)
-        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as error:
+        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as error:
+            # ImportError: the URL names a driver that is not installed.
             raise InvalidConfigurationError(
                 f"The database URL {self.safe_url} cannot be used: {error}. Pass the real URL "
                 "with --database-url, or fix sqlalchemy.url in the ini section"
@@ -171,10 +184,27 @@ class _Options:
 
 
 @contextmanager
-def _connect(options: _Options) -> Iterator[Connection]:
+def _connect(options: _Options, *, explain_failure: bool = True) -> Iterator[Connection]:
+    """Connect with the command's own URL.
+
+    With ``explain_failure``, a failed connection becomes a MigrationLockError
+    that says what to check. Without it, the driver's error is raised as is,
+    for a caller that retries transient errors.
+    """
     engine = options.engine()
     try:
-        with engine.connect() as connection:
+        try:
+            connection = engine.connect()
+        except sa.exc.DBAPIError as error:
+            if not explain_failure:
+                raise
+            first_line = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
+            raise MigrationLockError(
+                f"Could not connect to {options.safe_url}: {first_line}. Check the server, "
+                "the database name and the credentials, and pass the right URL with "
+                "--database-url or sqlalchemy.url"
+            ) from error
+        with connection:
             yield connection
     finally:
         engine.dispose()
@@ -265,3 +295,23 @@ def _text_value(value: object) -> str:
     if isinstance(value, datetime):
         return value.isoformat(sep=" ", timespec="seconds")
     return str(value)
+
+
+def half_applied_finding(marker: HalfAppliedMarker) -> Finding:
+    """Return the ``half-applied-revision`` finding for a marker that a failed run left."""
+    destination = marker.destination_revisions or "base"
+    return Finding(
+        code=HALF_APPLIED_REVISION,
+        severity=ERROR,
+        message=(
+            f"Revision {marker.revision} ({marker.direction}) was started at "
+            f"{marker.started_at:%Y-%m-%d %H:%M:%S} UTC by {marker.holder} and did not finish; "
+            "part of it may be applied. Every upgrade is rejected until it is repaired."
+        ),
+        fix=(
+            "compare the schema with the revision, then undo what took effect and run "
+            "`alembic-sgp-lock clear-half-applied`, or finish it by hand and run "
+            f"`alembic-sgp-lock clear-half-applied --stamp {destination}`"
+        ),
+        revisions=(marker.revision,),
+    )

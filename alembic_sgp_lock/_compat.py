@@ -7,6 +7,7 @@ silently unsafe.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
@@ -14,7 +15,7 @@ from typing import Any
 
 from alembic import context as alembic_context
 from alembic.runtime.environment import EnvironmentContext
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import URL, Connection
 
 # Names of the step functions that alembic.command passes to EnvironmentContext
 # as ``fn`` (alembic 1.16 to 1.20). upgrade, downgrade and stamp also pass
@@ -185,3 +186,12 @@ def forbid_autocommit_block(migration_context: Any, message: str) -> None:
     # Revisions reach it as op.get_context().autocommit_block(); an instance
     # attribute shadows the method for this context only.
     migration_context.autocommit_block = autocommit_block
+
+
+def with_installed_driver(url: URL) -> URL:
+    """Return ``url`` with psycopg2 as its driver when it names none and psycopg 3 is missing."""
+    # SQLAlchemy 2.1 maps a bare postgresql:// URL to psycopg 3, while this
+    # package depends on psycopg2.
+    if url.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
+        return url.set(drivername="postgresql+psycopg2")
+    return url

@@ -24,11 +24,13 @@ class LockHolder:
     description: str | None = None
     #: The statement the holder runs or ran last, where the server reports it.
     statement: str | None = None
+    #: What ``pid`` counts: a process id, or MySQL's connection id.
+    pid_label: str = "pid"
 
     def __str__(self) -> str:
         parts = []
         if self.pid is not None:
-            parts.append(f"pid {self.pid}")
+            parts.append(f"{self.pid_label} {self.pid}")
         if self.application_name:
             parts.append(f"application {self.application_name!r}")
         if self.client_address:
@@ -125,11 +127,19 @@ class RetriesExhaustedError(MigrationLockError):
         self.elapsed_seconds = elapsed_seconds
         self.last_error = last_error
         summary = str(last_error).strip().splitlines()[0] if str(last_error).strip() else ""
+        if isinstance(last_error, LockTimeoutError):
+            advice = (
+                "Another migration still holds the lock: wait for it to finish, or raise "
+                "MIGRATION_LOCK_TIMEOUT and MIGRATION_MAX_WAIT_TIME."
+            )
+        else:
+            advice = (
+                "Check that the database is reachable, or raise MIGRATION_MAX_RETRIES and "
+                "MIGRATION_MAX_WAIT_TIME."
+            )
         super().__init__(
             f"Migration failed after {attempts} attempt(s) in {elapsed_seconds:.1f} s; "
-            f"last error: {type(last_error).__name__}: {summary}. "
-            "Check that the database is reachable, or raise MIGRATION_MAX_RETRIES and "
-            "MIGRATION_MAX_WAIT_TIME."
+            f"last error: {type(last_error).__name__}: {summary.rstrip('.')}. {advice}"
         )
 
 

@@ -41,13 +41,15 @@ class ExitCode(enum.IntEnum):
 
 def exit_code_for(error: BaseException) -> ExitCode:
     """Return the exit status for an error that ended a command."""
-    # Order matters: DatabaseAheadError is a PreflightError, and a lock
-    # timeout that used up every retry is reported as retries exhausted.
+    # Order matters: DatabaseAheadError is a PreflightError.
     if isinstance(error, DatabaseAheadError):
         return ExitCode.DATABASE_AHEAD
     if isinstance(error, (PreflightError, HalfAppliedRevisionError)):
         return ExitCode.PREFLIGHT_FAILED
     if isinstance(error, RetriesExhaustedError):
+        # Waiting longer for a held lock is still a lock timeout to a deploy script.
+        if isinstance(error.last_error, LockTimeoutError):
+            return ExitCode.LOCK_TIMEOUT
         return ExitCode.RETRIES_EXHAUSTED
     if isinstance(error, LockTimeoutError):
         return ExitCode.LOCK_TIMEOUT

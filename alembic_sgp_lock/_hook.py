@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import time
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from alembic import context
 from sqlalchemy import engine_from_config, pool
-from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 
 from . import _compat
+from ._autogenerate import exclude_plugin_tables
 from ._errors import MigrationLockError
+from ._ledger import Ledger
 from ._lock import hold_lock
 from ._log import logger
-from ._migrate import configure_and_run, migrate_under_lock
+from ._migrate import check_checksums, configure_and_run, migrate_under_lock
 from ._pooler import check_not_transaction_pooled
 from ._retry import Attempt, run_with_retries
 from ._session import ddl_timeouts, prepare_connection, set_client_keepalives
@@ -72,6 +73,9 @@ def run_migrations(
     if not settings.run_migrations:
         logger.info("RUN_MIGRATIONS is false: skipping migrations without connecting")
         return
+    configure_options["include_object"] = exclude_plugin_tables(
+        configure_options.get("include_object"), settings
+    )
     if context.is_offline_mode():
         offline_engine = (
             engine if engine is None or isinstance(engine, Engine) else engine.sync_engine
@@ -124,20 +128,12 @@ def _build_engine(url: str | None) -> Engine | AsyncEngine:
             f"of {config.config_file_name or 'alembic.ini'}, or pass url= to "
             "alembic_sgp_lock.run_migrations()"
         )
-    options["sqlalchemy.url"] = _with_installed_driver(make_url(options["sqlalchemy.url"]))
+    options["sqlalchemy.url"] = _compat.with_installed_driver(make_url(options["sqlalchemy.url"]))
     if options["sqlalchemy.url"].get_dialect().is_async:
         from sqlalchemy.ext.asyncio import async_engine_from_config
 
         return async_engine_from_config(options, prefix="sqlalchemy.", poolclass=pool.NullPool)
     return engine_from_config(options, prefix="sqlalchemy.", poolclass=pool.NullPool)
-
-
-def _with_installed_driver(url: URL) -> URL:
-    # SQLAlchemy 2.1 maps a bare postgresql:// URL to psycopg 3, while this
-    # package depends on psycopg2; use psycopg2 when psycopg 3 is missing.
-    if url.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
-        return url.set(drivername="postgresql+psycopg2")
-    return url
 
 
 def _run_offline(
@@ -192,6 +188,12 @@ def _run_online(
                     and _compat.pending_steps(environment, heads) == 0
                     and not _ledger_needs_baseline(connection, settings, version_table_schema)
                 ):
+                    if settings.ledger:
+                        # Read-only, so an edited revision is reported without the lock.
+                        ledger = Ledger(
+                            settings.ledger_table, version_table_schema, context.script
+                        )
+                        check_checksums(connection, ledger, heads, settings)
                     logger.info(
                         "Database is already at %s; nothing to migrate, lock not taken",
                         format_heads(heads),

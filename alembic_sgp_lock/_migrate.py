@@ -66,7 +66,7 @@ def migrate_under_lock(
     ledger = None
     if settings.ledger:
         ledger = Ledger(settings.ledger_table, version_table_schema, context.script)
-        _check_checksums(connection, ledger, heads_before, settings)
+        check_checksums(connection, ledger, heads_before, settings)
         ledger.prepare(connection, heads_before)
     marker_recorder = MarkerRecorder(
         connection,
@@ -88,9 +88,10 @@ def migrate_under_lock(
     )
 
 
-def _check_checksums(
+def check_checksums(
     connection: Connection, ledger: Ledger, heads: tuple[str, ...], settings: Settings
 ) -> None:
+    """Log or raise, as ``MIGRATION_ON_CHECKSUM_MISMATCH`` says, for edited applied revisions."""
     findings = checksum_findings(connection, ledger, heads, settings.on_checksum_mismatch)
     report = PreflightReport(tuple(findings))
     if findings:

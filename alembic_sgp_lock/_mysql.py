@@ -54,6 +54,9 @@ def lock_name(database: str, version_table: str, explicit_name: str | None) -> s
     return f"{readable.lower()[:room]}#{digest.hexdigest()}"
 
 
+CONNECTION_ID = "connection id"
+
+
 class MysqlUserLock:
     """``GET_LOCK``/``RELEASE_LOCK`` on the migration connection."""
 
@@ -129,11 +132,13 @@ class MysqlUserLock:
             ).first()
         if row is None:
             return LockHolder(
-                description=f"connection id {session_id}, not visible in the process list "
+                pid=int(session_id),
+                pid_label=CONNECTION_ID,
+                description="not visible in the process list "
                 "(seeing it needs the PROCESS privilege)",
             )
         user, host, database, command, seconds, state, statement = row
-        details = [f"connection id {session_id}", f"user {user!r}", f"database {database!r}"]
+        details = [f"user {user!r}", f"database {database!r}"]
         # TIME counts seconds in the session's current command, not since it
         # took the lock, so it is reported as such rather than as held_seconds.
         details.append(f"{command} for {seconds} s")
@@ -141,4 +146,9 @@ class MysqlUserLock:
             details.append(f"state {state!r}")
         if statement:
             details.append(f"statement {' '.join(str(statement).split())!r}")
-        return LockHolder(client_address=host or None, description=", ".join(details))
+        return LockHolder(
+            pid=int(session_id),
+            pid_label=CONNECTION_ID,
+            client_address=host or None,
+            description=", ".join(details),
+        )

@@ -30,6 +30,7 @@ DATABASE_AHEAD = "database-ahead"
 MULTIPLE_HEADS = "multiple-heads"
 DUPLICATE_VERSION_ROWS = "duplicate-version-rows"
 ANCESTOR_VERSION_ROWS = "ancestor-version-rows"
+HALF_APPLIED_REVISION = "half-applied-revision"
 
 # At most this many table names are listed in a message.
 LISTED_TABLES_MAX = 10

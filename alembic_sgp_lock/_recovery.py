@@ -8,6 +8,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool
 from sqlalchemy.engine import make_url
 
+from . import _compat
 from ._errors import HalfAppliedMarker, MigrationLockError
 from ._lock import hold_lock
 from ._log import logger
@@ -54,7 +55,9 @@ def clear_half_applied(
             "No database URL: pass url= or set sqlalchemy.url in "
             f"{config.config_file_name or 'alembic.ini'}"
         )
-    engine = create_engine(make_url(database_url), poolclass=pool.NullPool)
+    engine = create_engine(
+        _compat.with_installed_driver(make_url(database_url)), poolclass=pool.NullPool
+    )
     try:
         with (
             engine.connect() as connection,

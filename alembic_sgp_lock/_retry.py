@@ -29,6 +29,13 @@ from ._settings import Settings
 # serialization failure, deadlock, lock_not_available (lock_timeout), and the
 # server shutting down or starting.
 POSTGRES_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57P01", "57P02", "57P03"})
+# Texts of PostgreSQL's connection refusals (libpq reports them without
+# SQLSTATE): database or role missing, authentication failed, host rejected.
+POSTGRES_PERMANENT_REFUSALS = (
+    "does not exist",
+    "password authentication failed",
+    "no pg_hba.conf entry",
+)
 # MySQL and MariaDB error numbers retried: lock wait timeout, deadlock, and
 # cannot connect, server gone away, connection lost during a query.
 MYSQL_TRANSIENT_ERRORS = frozenset({1205, 1213, 2003, 2006, 2013})
@@ -64,7 +71,11 @@ def is_transient(error: BaseException) -> bool:
         return sqlstate.startswith("08") or sqlstate in POSTGRES_TRANSIENT_SQLSTATES
     if hasattr(original, "pgcode") or hasattr(original, "sqlstate"):
         # A PostgreSQL driver error without SQLSTATE: could not connect, or the
-        # connection was lost.
+        # connection was lost. The server's refusals of a wrong database, role
+        # or password arrive the same way and never heal by waiting.
+        message = str(original)
+        if any(refusal in message for refusal in POSTGRES_PERMANENT_REFUSALS):
+            return False
         return isinstance(error, sa_exc.OperationalError)
     arguments = getattr(original, "args", ())
     if arguments and isinstance(arguments[0], int):

@@ -203,7 +203,7 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default
 def _server_timeout(env: Mapping[str, str], name: str) -> float | None:
     # 0 and "off" switch the timeout off, as 0 does in PostgreSQL itself.
     accepted = (
-        "use a number of seconds greater than 0 and at most "
+        "use a number of seconds from 0.001 to "
         f"{SERVER_TIMEOUT_MAX_SECONDS}, such as 5, or 0 or off to switch it off"
     )
     raw = env.get(name)
@@ -233,11 +233,12 @@ def _database_url(env: Mapping[str, str], name: str) -> str | None:
         make_url(raw.strip())
     except ArgumentError:
         # The message must not echo a URL that may contain a password.
-        raise InvalidSettingError(name, _without_password(raw), accepted) from None
+        raise InvalidSettingError(name, without_password(raw), accepted) from None
     return raw.strip()
 
 
-def _without_password(raw: str) -> str:
+def without_password(raw: str) -> str:
+    """Return a URL as typed, with any password replaced by ``***``, even if it does not parse."""
     head, at, host = raw.rpartition("@")
     scheme, separator, credentials = head.rpartition("://")
     if not at or ":" not in credentials:

@@ -45,11 +45,12 @@ class LockStatus:
         lines = [f"The migration lock is held: {self.lock_name}"]
         holder = self.holder or LockHolder()
         rows = [
-            ("pid", holder.pid),
+            (holder.pid_label, holder.pid),
             ("application name", holder.application_name),
             ("client address", holder.client_address),
             ("since", _since(holder)),
             ("statement", holder.statement),
+            ("details", holder.description),
         ]
         lines.extend(f"  {label}: {value}" for label, value in rows if value is not None)
         if holder.held_seconds is not None:

@@ -166,7 +166,7 @@ class SgpCommandLine(CommandLine):
             return
 
         def attempt_command(attempt: Attempt) -> None:
-            with _connect(own) as connection:
+            with _connect(own, explain_failure=False) as connection:
                 try:
                     self._run_under_lock(config, options, connection, own, settings, attempt)
                 except BaseException:

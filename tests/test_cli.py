@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from tests.cli_support import PLAIN_ENV, run_cli, start_cli, use_env
 from tests.support import EXAMPLE_HEAD, EXAMPLE_REVISIONS, make_project, read_state
+from tests.tcp_forwarder import free_port
 from tests.test_postgresql_upgrade import hold_lock
 
 EXAMPLE_TABLES = {"alembic_version", "customer", "invoice"}
@@ -120,7 +121,7 @@ def test_lock_timeout_exit_code(tmp_path: Path, pg_url: str) -> None:
 
 
 @pytest.mark.postgresql
-def test_retries_exhausted_exit_code(tmp_path: Path, pg_url: str) -> None:
+def test_lock_timeout_after_retries_exit_code(tmp_path: Path, pg_url: str) -> None:
     project = make_project(tmp_path, pg_url)
     engine, blocker = hold_lock(pg_url, "blocker-app")
     try:
@@ -136,9 +137,58 @@ def test_retries_exhausted_exit_code(tmp_path: Path, pg_url: str) -> None:
         blocker.close()
         engine.dispose()
 
+    assert finished.returncode == 4, finished.output
+    assert "FAILED: Migration failed after 2 attempt(s)" in finished.stderr
+    assert "last error: LockTimeoutError: Timed out after 1.0 s" in finished.stderr
+    assert "Another migration still holds the lock" in finished.stderr
+    assert "reachable" not in finished.stderr
+    assert read_state(pg_url).tables == set()
+
+
+def test_retries_exhausted_exit_code(tmp_path: Path) -> None:
+    url = f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/nowhere"
+    project = make_project(tmp_path, url)
+
+    finished = run_cli(
+        project,
+        "upgrade",
+        "head",
+        MIGRATION_MAX_RETRIES="1",
+        MIGRATION_RETRY_BACKOFF="50",
+    )
+
     assert finished.returncode == 5, finished.output
     assert "FAILED: Migration failed after 2 attempt(s)" in finished.stderr
-    assert read_state(pg_url).tables == set()
+    assert "Check that the database is reachable" in finished.stderr
+
+
+@pytest.mark.postgresql
+def test_missing_database_fails_at_once(tmp_path: Path, pg_url: str) -> None:
+    url = sa.engine.make_url(pg_url).set(database="sgp_no_such_database")
+    project = make_project(tmp_path, url.render_as_string(hide_password=False))
+
+    upgraded = run_cli(project, "upgrade", "head", MIGRATION_MAX_RETRIES="5")
+    checked = run_cli(project, "preflight")
+
+    assert upgraded.returncode == 1, upgraded.output
+    assert 'database "sgp_no_such_database" does not exist' in upgraded.stderr
+    assert "retrying" not in upgraded.output
+    assert checked.returncode == 1, checked.output
+    assert "FAILED: Could not connect to postgresql+psycopg2://" in checked.stderr
+    assert "Traceback" not in checked.stderr
+
+
+@pytest.mark.postgresql
+def test_clear_half_applied_plain_postgresql_url(tmp_path: Path, pg_url: str) -> None:
+    url = sa.engine.make_url(pg_url).set(drivername="postgresql")
+    project = make_project(tmp_path, url.render_as_string(hide_password=False))
+
+    finished = run_cli(project, "clear-half-applied")
+
+    # No marker exists, and the plain URL reached the server through psycopg2.
+    assert finished.returncode == 1, finished.output
+    assert "there is nothing to clear" in finished.stderr
+    assert "Traceback" not in finished.stderr
 
 
 def test_invalid_setting_exit_code(tmp_path: Path, sqlite_url: str) -> None:

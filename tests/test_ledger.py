@@ -240,3 +240,53 @@ def test_accept_checksum_unknown_revision(tmp_path: Path, sqlite_url: str) -> No
     assert finished.returncode == 1
     assert "Revision 'ffffffffffff' is not in the scripts" in finished.stderr
     assert read_state(sqlite_url).tables == set()
+
+
+def test_edit_reported_when_at_head(tmp_path: Path, database_url: str) -> None:
+    project = make_project(tmp_path, database_url)
+    assert project.run("upgrade", "head", MIGRATION_LEDGER="true").returncode == 0
+    edit_first_revision(project)
+
+    warned = project.run("upgrade", "head", MIGRATION_LEDGER="true")
+    failed = project.run(
+        "upgrade", "head", MIGRATION_LEDGER="true", MIGRATION_ON_CHECKSUM_MISMATCH="fail"
+    )
+
+    assert warned.returncode == 0, warned.output
+    assert "Pre-flight warning [checksum-mismatch]" in warned.output
+    assert "nothing to migrate, lock not taken" in warned.output
+    assert failed.returncode != 0
+    assert f"[checksum-mismatch] Revision {EXAMPLE_REVISIONS[0]}" in failed.output
+
+
+AUTOGENERATE_ENV = """
+from logging.config import fileConfig
+
+import sqlalchemy as sa
+from alembic import context
+
+import alembic_sgp_lock
+
+fileConfig(context.config.config_file_name)
+alembic_sgp_lock.run_migrations(target_metadata=sa.MetaData())
+"""
+
+
+def test_autogenerate_ignores_plugin_tables(tmp_path: Path, sqlite_url: str) -> None:
+    project = make_project(tmp_path, sqlite_url)
+    project.add_revision("4d3f0b5e2a34", EXAMPLE_HEAD, 'op.execute("SELECT 1")')
+    assert project.run("upgrade", "head", MIGRATION_LEDGER="true").returncode == 0
+    assert {"alembic_sgp_ledger", "alembic_sgp_lock_in_progress"} <= read_state(sqlite_url).tables
+    (project.path / "migrations" / "env.py").write_text(AUTOGENERATE_ENV)
+
+    finished = project.run(
+        "revision", "--autogenerate", "-m", "compare", "--rev-id", "9a9a9a9a9a9a"
+    )
+
+    assert finished.returncode == 0, finished.output
+    generated = revision_file(project, "9a9a9a9a9a9a").read_text()
+    # The empty metadata makes autogenerate drop the application's tables...
+    assert "op.drop_table('customer')" in generated
+    # ...but never the plugin's own.
+    assert "alembic_sgp_ledger" not in generated
+    assert "alembic_sgp_lock_in_progress" not in generated

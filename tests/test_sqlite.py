@@ -56,6 +56,7 @@ def test_killed_holder_frees_lock_file(tmp_path: Path, sqlite_url: str) -> None:
     # SQLite has no transactional DDL, so the killed revision is marked as
     # half applied; the next run gets the lock at once and stops on the marker.
     rejected = project.run("upgrade", "head", MIGRATION_LOCK_TIMEOUT="10")
+    checked = run_cli(project, "preflight", "--format", "json")
     cleared = run_cli(project, "clear-half-applied")
     finished = project.run("upgrade", "head", MIGRATION_LOCK_TIMEOUT="10")
 
@@ -63,6 +64,9 @@ def test_killed_holder_frees_lock_file(tmp_path: Path, sqlite_url: str) -> None:
     assert "Timed out" not in rejected.output
     assert "Revision 4d3f0b5e2a34 (upgrade from 3c2e9a4d1f23" in rejected.output
     assert "alembic-sgp-lock clear-half-applied" in rejected.output
+    assert checked.returncode == 6, checked.output
+    codes = [finding["code"] for finding in json.loads(checked.stdout)["findings"]]
+    assert codes == ["half-applied-revision"]
     assert cleared.returncode == 0, cleared.output
     assert "Cleared the half-applied marker of revision 4d3f0b5e2a34" in cleared.stdout
     assert finished.returncode == 0, finished.output
