@@ -112,6 +112,16 @@ class Project:
         (self.path / "migrations" / "versions" / f"{revision}_test.py").write_text(text)
 
 
+def run_together(project: Project, count: int, **settings: str) -> list[tuple[int, str]]:
+    """Start ``count`` ``alembic upgrade head`` processes at once; return statuses and outputs."""
+    processes = [project.start("upgrade", "head", **settings) for _ in range(count)]
+    results = []
+    for process in processes:
+        output, _ = process.communicate(timeout=180)
+        results.append((process.returncode, output))
+    return results
+
+
 @dataclass
 class Finished:
     """Exit status and combined output of a finished process."""

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.support import EXAMPLE_DIR, EXAMPLE_HEAD, SETTING_VARIABLES, make_project, read_state
+from tests.support import (
+    EXAMPLE_DIR,
+    EXAMPLE_HEAD,
+    SETTING_VARIABLES,
+    make_project,
+    read_state,
+    run_together,
+)
 
 pytestmark = pytest.mark.postgresql
 
@@ -52,15 +59,6 @@ asyncio.run(run_async_migrations())
 
 def with_driver(url: str, driver: str) -> str:
     return sa.engine.make_url(url).set(drivername=driver).render_as_string(hide_password=False)
-
-
-def run_together(project, count: int) -> list[tuple[int, str]]:
-    processes = [project.start("upgrade", "head") for _ in range(count)]
-    results = []
-    for process in processes:
-        output, _ = process.communicate(timeout=180)
-        results.append((process.returncode, output))
-    return results
 
 
 @pytest.mark.parametrize("driver", ["postgresql+asyncpg", "postgresql+psycopg_async"])

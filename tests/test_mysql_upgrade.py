@@ -25,21 +25,18 @@ from alembic_sgp_lock import (
 from alembic_sgp_lock._mysql import MAX_LOCK_NAME_LENGTH, lock_name
 from tests.cli_support import run_cli
 from tests.conftest import MYSQL_ADMIN_URL
-from tests.support import EXAMPLE_HEAD, EXAMPLE_REVISIONS, Project, make_project, read_state
+from tests.support import (
+    EXAMPLE_HEAD,
+    EXAMPLE_REVISIONS,
+    make_project,
+    read_state,
+    run_together,
+)
 
 pytestmark = pytest.mark.mysql
 
 EXAMPLE_TABLES = {"alembic_version", "customer", "invoice"}
 MARKER_TABLE = "alembic_sgp_lock_in_progress"
-
-
-def run_together(project: Project, count: int, **settings: str) -> list[tuple[int, str]]:
-    processes = [project.start("upgrade", "head", **settings) for _ in range(count)]
-    results = []
-    for process in processes:
-        output, _ = process.communicate(timeout=180)
-        results.append((process.returncode, output))
-    return results
 
 
 def database_name(url: str) -> str:

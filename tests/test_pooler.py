@@ -11,7 +11,7 @@ from alembic_sgp_lock import LockModeError
 from alembic_sgp_lock._transaction_lock import reject_transaction_per_migration
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.pgbouncer import PgBouncer
-from tests.support import EXAMPLE_HEAD, make_project, read_state
+from tests.support import EXAMPLE_HEAD, make_project, read_state, run_together
 
 pytestmark = pytest.mark.postgresql
 
@@ -28,15 +28,6 @@ def session_pooler() -> Iterator[PgBouncer]:
     bouncer = PgBouncer(POSTGRES_ADMIN_URL, "session")
     yield bouncer
     bouncer.stop()
-
-
-def run_together(project, count: int, **settings: str) -> list[tuple[int, str]]:
-    processes = [project.start("upgrade", "head", **settings) for _ in range(count)]
-    results = []
-    for process in processes:
-        output, _ = process.communicate(timeout=180)
-        results.append((process.returncode, output))
-    return results
 
 
 def test_transaction_pooler_rejected(

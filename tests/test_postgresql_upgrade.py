@@ -16,21 +16,13 @@ from tests.support import (
     make_project,
     postgres_lock_key,
     read_state,
+    run_together,
 )
 from tests.tcp_forwarder import TcpForwarder, free_port
 
 pytestmark = pytest.mark.postgresql
 
 EXAMPLE_TABLES = {"alembic_version", "customer", "invoice"}
-
-
-def run_together(project, count: int, **settings: str) -> list[tuple[int, str]]:
-    processes = [project.start("upgrade", "head", **settings) for _ in range(count)]
-    results = []
-    for process in processes:
-        output, _ = process.communicate(timeout=180)
-        results.append((process.returncode, output))
-    return results
 
 
 def test_sixteen_processes_on_empty_database(tmp_path: Path, pg_url: str) -> None:
