@@ -99,14 +99,17 @@ def results_markdown(results: dict[str, Any]) -> str:
             "",
             "`alembic upgrade head` on a database already at head, whole process.",
             "",
-            "| backend | plain (s) | plugin (s) | plugin / plain | goal <= 1.05 |",
-            "|---|---|---|---|---|",
+            "| backend | runs of each | plain (s) | plugin (s) | plugin / plain | goal <= 1.05 "
+            "| CPU time plugin / plain |",
+            "|---|---|---|---|---|---|---|",
         ]
         for backend, data in results["noop"].items():
+            runs = data["seconds"]["plain"]["n"]
             lines.append(
-                f"| {backend} | {_spread(data['seconds']['plain'], digits=3)} "
+                f"| {backend} | {runs} "
+                f"| {_spread(data['seconds']['plain'], digits=3)} "
                 f"| {_spread(data['seconds']['plugin'], digits=3)} | {data['ratio']:.3f} "
-                f"| {_verdict(data['ratio'], 1.05)} |"
+                f"| {_verdict(data['ratio'], 1.05)} | {data['cpu_ratio']:.3f} |"
             )
         lines.append("")
     if "contention" in results:
@@ -172,8 +175,9 @@ def results_markdown(results: dict[str, Any]) -> str:
             "",
             f"{first['revisions']} linear revisions, database at head.",
             "",
-            "| backend | command | plain (s) | plugin (s) | plugin / plain | goal <= 1.10 |",
-            "|---|---|---|---|---|---|",
+            "| backend | command | plain (s) | plugin (s) | plugin / plain | goal <= 1.10 "
+            "| CPU time plugin / plain |",
+            "|---|---|---|---|---|---|---|",
         ]
         for backend, data in results["history"].items():
             for name, by_variant in data["seconds"].items():
@@ -181,7 +185,8 @@ def results_markdown(results: dict[str, Any]) -> str:
                 ratio = data["ratio"][name]
                 lines.append(
                     f"| {backend} | {label} | {_spread(by_variant['plain'])} "
-                    f"| {_spread(by_variant['plugin'])} | {ratio:.3f} | {_verdict(ratio, 1.10)} |"
+                    f"| {_spread(by_variant['plugin'])} | {ratio:.3f} | {_verdict(ratio, 1.10)} "
+                    f"| {data['cpu_ratio'][name]:.3f} |"
                 )
         lines.append("")
     lines += _memory_lines(results)

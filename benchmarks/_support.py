@@ -116,6 +116,7 @@ class ProcessResult:
     returncode: int
     seconds: float
     max_rss_kib: int
+    cpu_seconds: float
     output_path: Path
 
     def output(self) -> str:
@@ -127,11 +128,11 @@ def clean_environment() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if key not in SETTING_VARIABLES}
 
 
-def _reap(process: subprocess.Popen[bytes]) -> tuple[int, int]:
+def _reap(process: subprocess.Popen[bytes]) -> tuple[int, int, float]:
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     # ru_maxrss is in KiB on Linux.
-    return process.returncode, int(usage.ru_maxrss)
+    return process.returncode, int(usage.ru_maxrss), usage.ru_utime + usage.ru_stime
 
 
 class ProcessGroup:
@@ -165,8 +166,8 @@ class ProcessGroup:
             timer.cancel()
         elapsed = time.perf_counter() - self.started
         results = [
-            ProcessResult(returncode, elapsed, max_rss, path)
-            for (returncode, max_rss), path in reaped
+            ProcessResult(returncode, elapsed, max_rss, cpu, path)
+            for (returncode, max_rss, cpu), path in reaped
         ]
         return elapsed, results
 

@@ -165,18 +165,22 @@ class Bench:
         for variant in VARIANTS:  # compile the revision files and warm the caches
             check_ok(self.run(projects[variant], "upgrade", "head"), f"{variant} warm-up")
         seconds: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+        cpu: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
         rss: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
         for index in range(self.plan.noop_pairs):
             for variant in alternate(index):
                 result = self.run(projects[variant], "upgrade", "head")
                 check_ok(result, f"{variant} no-op upgrade")
                 seconds[variant].append(result.seconds)
+                cpu[variant].append(result.cpu_seconds)
                 rss[variant].append(result.max_rss_kib / 1024)
         self.databases.drop(url)
         return {
             "seconds": {variant: summarize(values) for variant, values in seconds.items()},
+            "cpu_seconds": {variant: summarize(values) for variant, values in cpu.items()},
             "max_rss_mib": {variant: summarize(values) for variant, values in rss.items()},
             "ratio": _ratio(seconds),
+            "cpu_ratio": _ratio(cpu),
             "raw_seconds": seconds,
         }
 
@@ -383,6 +387,7 @@ class Bench:
             for arguments in commands.values():
                 check_ok(self.run(projects[variant], *arguments), f"{variant} warm-up")
         seconds = {name: {variant: [] for variant in VARIANTS} for name in commands}
+        cpu = {name: {variant: [] for variant in VARIANTS} for name in commands}
         rss: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
         for index in range(self.plan.history_pairs):
             for name, arguments in commands.items():
@@ -390,6 +395,7 @@ class Bench:
                     result = self.run(projects[variant], *arguments)
                     check_ok(result, f"{variant} {name}")
                     seconds[name][variant].append(result.seconds)
+                    cpu[name][variant].append(result.cpu_seconds)
                     if name == "upgrade":
                         rss[variant].append(result.max_rss_kib / 1024)
         self.databases.drop(url)
@@ -400,6 +406,7 @@ class Bench:
                 for name, by_variant in seconds.items()
             },
             "ratio": {name: _ratio(by_variant) for name, by_variant in seconds.items()},
+            "cpu_ratio": {name: _ratio(by_variant) for name, by_variant in cpu.items()},
             "max_rss_mib": {variant: summarize(values) for variant, values in rss.items()},
         }
 
@@ -497,7 +504,19 @@ def main() -> int:
         default=BENCH_DIR / "results",
         help="folder for the JSON results and the chart (default: benchmarks/results)",
     )
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="only redraw the chart and the README section from a results file of a full run",
+    )
     arguments = parser.parse_args()
+    if arguments.render is not None:
+        rendered = json.loads(arguments.render.read_text())
+        if "contention" in rendered:
+            write_chart(rendered, arguments.render.with_name("latest-contention.png"))
+        write_readme(rendered, BENCH_DIR / "README.md")
+        return 0
     plan = QUICK if arguments.quick else FULL
     sections = [name.strip() for name in arguments.sections.split(",") if name.strip()]
     backends = [name.strip() for name in arguments.backends.split(",") if name.strip()]
