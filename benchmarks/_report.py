@@ -12,7 +12,7 @@ BACKEND_TITLES = {"postgresql": "PostgreSQL", "sqlite": "SQLite file"}
 
 
 def write_chart(results: dict[str, Any], path: Path) -> None:
-    """Draw wall time against process count, one panel per backend."""
+    """Draw time to the last exit and the share of successful processes against N."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,42 +20,58 @@ def write_chart(results: dict[str, Any], path: Path) -> None:
 
     backends = list(results["contention"])
     figure, axes = plt.subplots(
-        1, len(backends), figsize=(4.2 * len(backends), 3.6), dpi=110, squeeze=False
+        2,
+        len(backends),
+        figsize=(4.4 * len(backends), 5.6),
+        dpi=110,
+        squeeze=False,
+        gridspec_kw={"height_ratios": [2, 1]},
     )
-    for axis, backend in zip(axes[0], backends, strict=True):
+    colors = {"floor": "0.55", "plain": "tab:red", "plugin": "tab:blue"}
+    labels = {"floor": "floor", "plain": "plain Alembic", "plugin": "plugin"}
+    for column, backend in enumerate(backends):
         sizes = results["contention"][backend]["sizes"]
         counts = [int(size) for size in sizes]
+        positions = list(range(len(counts)))
+        time_axis, success_axis = axes[0][column], axes[1][column]
+
         floor = [sizes[str(n)]["floor_seconds"]["median"] for n in counts]
-        axis.plot(counts, floor, color="0.55", linestyle="--", marker="o", label="floor")
-        styles = {
-            "plain": ("tab:red", "s", "plain Alembic"),
-            "plugin": ("tab:blue", "^", "plugin"),
-        }
-        for variant, (color, marker, label) in styles.items():
+        time_axis.plot(
+            positions, floor, color=colors["floor"], linestyle="--", marker="o", label="floor"
+        )
+        for variant, marker in (("plain", "s"), ("plugin", "^")):
             medians = [sizes[str(n)][variant]["seconds"]["median"] for n in counts]
-            axis.plot(counts, medians, color=color, marker=marker, label=label)
-            for n, seconds in zip(counts, medians, strict=True):
+            time_axis.plot(
+                positions, medians, color=colors[variant], marker=marker, label=labels[variant]
+            )
+        time_axis.set_title(BACKEND_TITLES.get(backend, backend), fontsize=10)
+        time_axis.set_ylim(bottom=0)
+        time_axis.set_xticks(positions, [str(n) for n in counts])
+        time_axis.grid(alpha=0.3)
+
+        width = 0.36
+        for offset, variant in ((-width / 2, "plain"), (width / 2, "plugin")):
+            shares = []
+            for n in counts:
                 succeeded = sizes[str(n)][variant]["succeeded"]
-                worst = min(succeeded)
-                axis.annotate(
-                    f"{worst}/{n} ok",
-                    (n, seconds),
-                    textcoords="offset points",
-                    xytext=(4, 6 if variant == "plugin" else -12),
-                    fontsize=7,
-                    color=color,
-                )
-        axis.set_title(BACKEND_TITLES.get(backend, backend), fontsize=10)
-        axis.set_xlabel("processes started together")
-        axis.set_xticks(counts)
-        axis.set_ylim(bottom=0)
-        axis.grid(alpha=0.3)
-    axes[0][0].set_ylabel("seconds until the last exits (median)")
+                shares.append(100 * sum(succeeded) / (n * len(succeeded)))
+            bars = success_axis.bar(
+                [position + offset for position in positions],
+                shares,
+                width,
+                color=colors[variant],
+                label=labels[variant],
+            )
+            success_axis.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
+        success_axis.set_ylim(0, 118)
+        success_axis.set_xticks(positions, [str(n) for n in counts])
+        success_axis.set_xlabel("processes started together (N)")
+        success_axis.grid(alpha=0.3, axis="y")
+
+    axes[0][0].set_ylabel("seconds to the last exit\n(median)")
+    axes[1][0].set_ylabel("processes that\nsucceeded (%)")
     axes[0][-1].legend(fontsize=8, loc="upper left")
-    figure.suptitle(
-        "alembic upgrade head, empty database, 5 revisions (labels: fewest successes)",
-        fontsize=9,
-    )
+    figure.suptitle("N x alembic upgrade head on an empty database with 5 revisions", fontsize=10)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

@@ -17,6 +17,7 @@ import argparse
 import json
 import platform
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -485,7 +486,13 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def _stop_on_terminate(signal_number: int, frame: Any) -> None:
+    # Turn SIGTERM into an exception so that the databases are dropped on the way out.
+    raise SystemExit(f"stopped by signal {signal_number}")
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _stop_on_terminate)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small run that checks the setup")
     parser.add_argument(
