@@ -31,7 +31,7 @@ def write_chart(results: dict[str, Any], path: Path) -> None:
     labels = {"floor": "floor", "plain": "plain Alembic", "plugin": "plugin"}
     for column, backend in enumerate(backends):
         sizes = results["contention"][backend]["sizes"]
-        counts = [int(size) for size in sizes]
+        counts = sorted(int(size) for size in sizes)
         positions = list(range(len(counts)))
         time_axis, success_axis = axes[0][column], axes[1][column]
 
@@ -141,7 +141,7 @@ def results_markdown(results: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for backend, data in results["contention"].items():
-            for size, entry in data["sizes"].items():
+            for size, entry in sorted(data["sizes"].items(), key=lambda item: int(item[0])):
                 plain, plugin = entry["plain"], entry["plugin"]
                 complete = all(count == int(size) for count in plugin["succeeded"]) and all(
                     plugin["final_state_ok"]
@@ -157,7 +157,7 @@ def results_markdown(results: dict[str, Any]) -> str:
                 )
         lines += ["", "Plain Alembic's failures, summed over the rounds:", ""]
         for backend, data in results["contention"].items():
-            for size, entry in data["sizes"].items():
+            for size, entry in sorted(data["sizes"].items(), key=lambda item: int(item[0])):
                 failures = entry["plain"]["failures"]
                 if failures:
                     listed = "; ".join(f"{kind}: {count}" for kind, count in failures.items())

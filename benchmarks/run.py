@@ -39,6 +39,7 @@ from _support import (
     Project,
     alembic_command,
     build_project,
+    compile_package,
     database_state,
     linear_history,
     load_average,
@@ -544,6 +545,7 @@ def main() -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "load_before": load_average(),
     }
+    compile_package()
     with workspace() as (folder, databases):
         results["machine"] = machine(databases)
         bench = Bench(folder, databases, plan)
