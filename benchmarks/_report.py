@@ -134,7 +134,12 @@ def results_markdown(results: dict[str, Any]) -> str:
             "",
             "N processes started together on an empty database with five revisions. "
             "Floor: N plain processes on a database at head, plus one process's migration "
-            "time (a plain migration alone minus a plain no-op alone). Successes are per round.",
+            "time as the plugin logs it in a run alone ("
+            + ", ".join(
+                f"{backend} {data['migration_seconds']:.2f} s"
+                for backend, data in results["contention"].items()
+            )
+            + "). Successes are per round.",
             "",
             "| backend | N | floor (s) | plain (s) | plain ok | plugin (s) | plugin ok "
             "| plugin / floor | goal at N = 32 |",

@@ -362,7 +362,7 @@ class Bench:
             300,
             "every waiter to wait",
         )
-        # Every waiter now waits; sample who holds a snapshot meanwhile.
+        # Every waiter is now waiting: sample which of them have a snapshot.
         snapshot_count = 0
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:
@@ -553,7 +553,12 @@ def main() -> int:
         if name not in BACKENDS:
             parser.error(f"unknown backend {name!r}; use postgresql or sqlite")
     complete = set(sections) == set(SECTIONS) and set(backends) == set(BACKENDS)
-    prefix = "quick" if arguments.quick else "latest" if complete else "partial"
+    if arguments.quick:
+        prefix = "quick"
+    elif complete:
+        prefix = "latest"
+    else:
+        prefix = "partial"
 
     command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
     started = time.monotonic()
