@@ -51,6 +51,18 @@ def migrate_under_lock(
         raise HalfAppliedRevisionError(marker, marker_table)
     environment = _compat.current_environment()
     if (
+        len(set(heads_before)) == len(heads_before)
+        and _compat.pending_steps(environment, heads_before) == 0
+        and not settings.ledger
+    ):
+        # Release the lock at once instead of running Alembic for nothing, so
+        # the next waiter takes over sooner.
+        logger.info(
+            "Another instance migrated to %s while this one waited; nothing left to do",
+            format_heads(heads_before),
+        )
+        return
+    if (
         environment is not None
         and _compat.command_name(environment) == "upgrade"
         and not check_before_upgrade(

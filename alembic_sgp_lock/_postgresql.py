@@ -25,8 +25,11 @@ from ._errors import LockHolder
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
-# PostgreSQL truncates application_name to 63 bytes (NAMEDATALEN - 1).
+# PostgreSQL truncates application_name to 63 bytes (NAMEDATALEN - 1) and
+# keeps it ASCII, so a tagged name keeps at most this many characters of the
+# original: 63 minus the tag, " [alembic-sgp-lock since <10-digit epoch>]".
 APPLICATION_NAME_MAX_BYTES = 63
+TAGGED_PREFIX_MAX = APPLICATION_NAME_MAX_BYTES - len(" [alembic-sgp-lock since 1234567890]")
 HOLDER_TAG = re.compile(r"\s*\[alembic-sgp-lock since (\d+)\]$")
 
 # Without a notification a waiter polls at a random interval in this range
@@ -49,13 +52,6 @@ def lock_key(key_text: str, explicit_name: str | None) -> int:
     return stable_hash64(key_text)
 
 
-def _tagged_application_name(original: str, since_epoch: int) -> str:
-    tag = f" [alembic-sgp-lock since {since_epoch}]"
-    room = APPLICATION_NAME_MAX_BYTES - len(tag)
-    prefix = original.encode("ascii", "replace")[:room].decode("ascii")
-    return (prefix + tag).strip()
-
-
 class PostgresAdvisoryLock:
     """Session-level ``pg_advisory_lock`` keyed by a signed 64-bit integer."""
 
@@ -73,26 +69,27 @@ class PostgresAdvisoryLock:
         self._listening = False
 
     def try_acquire(self, connection: Connection) -> bool:
+        # One statement, so a waiter takes over in a single round trip plus
+        # COMMIT. When it gets the lock, it also tags application_name, so that
+        # pg_stat_activity shows who migrates and since when; release()
+        # restores the original value. The FROM subquery runs once, because
+        # PostgreSQL does not flatten a subquery with volatile functions.
         with connection.begin():
-            acquired = connection.execute(
-                text("SELECT pg_try_advisory_lock(:key)"), {"key": self.key}
-            ).scalar()
-            if not acquired:
-                return False
-            # Tag application_name so that pg_stat_activity shows who migrates
-            # and since when; release() restores the original value.
-            row = connection.execute(
+            acquired, original = connection.execute(
                 text(
-                    "SELECT current_setting('application_name'), "
-                    "floor(extract(epoch FROM clock_timestamp()))::bigint"
-                )
-            ).one()
-            self._original_application_name = row[0]
-            connection.execute(
-                text("SELECT set_config('application_name', :name, false)"),
-                {"name": _tagged_application_name(row[0], int(row[1]))},
-            )
-        return True
+                    "SELECT attempt.acquired, attempt.original, "
+                    "CASE WHEN attempt.acquired THEN set_config('application_name', "
+                    "ltrim(left(attempt.original, :room) || ' [alembic-sgp-lock since ' "
+                    "|| attempt.since || ']'), false) END "
+                    "FROM (SELECT pg_try_advisory_lock(:key) AS acquired, "
+                    "current_setting('application_name') AS original, "
+                    "floor(extract(epoch FROM clock_timestamp()))::bigint AS since) AS attempt"
+                ),
+                {"key": self.key, "room": TAGGED_PREFIX_MAX},
+            ).one()[:2]
+        if acquired:
+            self._original_application_name = original
+        return bool(acquired)
 
     def wait(self, connection: Connection, seconds: float) -> None:
         driver_connection = _compat.dbapi_connection(connection)
@@ -125,20 +122,21 @@ class PostgresAdvisoryLock:
             notifies.clear()
 
     def release(self, connection: Connection) -> bool:
+        original = self._original_application_name
+        self._original_application_name = None
+        # One statement: unlock, restore application_name, and wake the waiters
+        # (PostgreSQL delivers the notification at COMMIT).
         with connection.begin():
-            released = bool(
-                connection.execute(
-                    text("SELECT pg_advisory_unlock(:key)"), {"key": self.key}
-                ).scalar()
-            )
-            if self._original_application_name is not None:
-                connection.execute(
-                    text("SELECT set_config('application_name', :name, false)"),
-                    {"name": self._original_application_name},
-                )
-                self._original_application_name = None
-            connection.execute(text("SELECT pg_notify(:channel, '')"), {"channel": self.channel})
-        return released
+            released = connection.execute(
+                text(
+                    "SELECT pg_advisory_unlock(:key), "
+                    "set_config('application_name', coalesce(:name, "
+                    "current_setting('application_name')), false), "
+                    "pg_notify(:channel, '')"
+                ),
+                {"key": self.key, "name": original, "channel": self.channel},
+            ).one()[0]
+        return bool(released)
 
     def holder(self, connection: Connection) -> LockHolder | None:
         with connection.begin():

@@ -38,6 +38,13 @@ def test_sixteen_processes_on_empty_database(tmp_path: Path, pg_url: str) -> Non
     assert state.customers == 1
     applied = sum(output.count("Running upgrade  -> 1a0c7e2b9d01") for _, output in results)
     assert applied == 1
+    # Every other instance left without running Alembic's migrations.
+    skipped = [
+        output
+        for _, output in results
+        if "nothing left to do" in output or "nothing to migrate" in output
+    ]
+    assert len(skipped) == 15
 
 
 def test_sixteen_processes_one_revision_behind(tmp_path: Path, pg_url: str) -> None:
@@ -362,3 +369,32 @@ def test_lost_lock_reported_at_release(tmp_path: Path, pg_url: str) -> None:
     assert "the server reports that this session did not hold it" in finished.output
     assert "The connection was closed" in finished.output
     assert read_state(pg_url).versions == ["7a6c3e8b5d67"]
+
+
+def test_application_name_tagged_then_restored(pg_url: str) -> None:
+    from alembic_sgp_lock import Settings, migration_lock
+
+    long_name = "web-" + "x" * 56
+    engine = sa.create_engine(
+        pg_url, poolclass=sa.pool.NullPool, connect_args={"application_name": long_name}
+    )
+    observer = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            with connection.begin():
+                pid = connection.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+            seen = sa.text("SELECT application_name FROM pg_stat_activity WHERE pid = :pid")
+            with migration_lock(connection, settings=Settings.from_env({})):
+                with observer.connect() as other:
+                    tagged = other.execute(seen, {"pid": pid}).scalar()
+            with observer.connect() as other:
+                restored = other.execute(seen, {"pid": pid}).scalar()
+    finally:
+        engine.dispose()
+        observer.dispose()
+
+    assert tagged.startswith("web-xxx")
+    assert " [alembic-sgp-lock since " in tagged
+    assert tagged.endswith("]")
+    assert len(tagged) <= 63
+    assert restored == long_name
