@@ -264,8 +264,10 @@ class MarkerRecorder:
         connection = self.connection
         summary = " ".join(f"{type(error).__name__}: {error}".split())[:1000]
         try:
-            if connection.in_transaction():
-                connection.rollback()
+            # Connection.rollback() is missing in SQLAlchemy 1.4's legacy mode.
+            transaction = connection.get_transaction()
+            if transaction is not None:
+                transaction.rollback()
             if completed == 0:
                 # Every statement the server ran for this revision failed, so
                 # nothing of it was applied.
