@@ -51,9 +51,13 @@ def marker_table(name: str, schema: str | None) -> sa.Table:
         sa.Column("destination_revisions", sa.String(1000), nullable=False),
         sa.Column("script_path", sa.String(1000), nullable=False),
         sa.Column("holder", sa.String(255), nullable=False),
-        # UTC, with microseconds on MySQL and MariaDB.
+        # UTC, with microseconds on MySQL and MariaDB. One dialect name per
+        # with_variant() call, because SQLAlchemy 1.4 accepts only one.
         sa.Column(
-            "started_at", sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+            "started_at",
+            sa.DateTime()
+            .with_variant(mysql.DATETIME(fsp=6), "mysql")
+            .with_variant(mysql.DATETIME(fsp=6), "mariadb"),
         ),
         sa.Column("statement_count", sa.Integer, nullable=False),
         # One statement per line; whitespace inside a statement is collapsed.
@@ -260,8 +264,10 @@ class MarkerRecorder:
         connection = self.connection
         summary = " ".join(f"{type(error).__name__}: {error}".split())[:1000]
         try:
-            if connection.in_transaction():
-                connection.rollback()
+            # Connection.rollback() is missing in SQLAlchemy 1.4's legacy mode.
+            transaction = connection.get_transaction()
+            if transaction is not None:
+                transaction.rollback()
             if completed == 0:
                 # Every statement the server ran for this revision failed, so
                 # nothing of it was applied.

@@ -169,8 +169,10 @@ def lock_holders(connection: Connection, statement: str | None) -> list[str]:
     listed. Returns an empty list when the server cannot be asked.
     """
     try:
-        if connection.in_transaction():
-            connection.rollback()
+        # Connection.rollback() is missing in SQLAlchemy 1.4's legacy mode.
+        transaction = connection.get_transaction()
+        if transaction is not None:
+            transaction.rollback()
         with connection.begin():
             rows = connection.execute(
                 text(

@@ -57,11 +57,24 @@ asyncio.run(run_async_migrations())
 """
 
 
+ASYNC_DRIVERS = [
+    pytest.param("postgresql+asyncpg", id="postgresql+asyncpg"),
+    pytest.param(
+        "postgresql+psycopg_async",
+        id="postgresql+psycopg_async",
+        marks=pytest.mark.skipif(
+            sa.__version__.startswith("1."),
+            reason="SQLAlchemy 1.4 has no psycopg 3 dialect; it came in SQLAlchemy 2.0",
+        ),
+    ),
+]
+
+
 def with_driver(url: str, driver: str) -> str:
     return sa.engine.make_url(url).set(drivername=driver).render_as_string(hide_password=False)
 
 
-@pytest.mark.parametrize("driver", ["postgresql+asyncpg", "postgresql+psycopg_async"])
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
 def test_hook_with_async_url(tmp_path: Path, pg_url: str, driver: str) -> None:
     project = make_project(tmp_path, with_driver(pg_url, driver))
 
@@ -77,7 +90,7 @@ def test_hook_with_async_url(tmp_path: Path, pg_url: str, driver: str) -> None:
     assert state.customers == 1
 
 
-@pytest.mark.parametrize("driver", ["postgresql+asyncpg", "postgresql+psycopg_async"])
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
 def test_async_template_with_run_sync(tmp_path: Path, pg_url: str, driver: str) -> None:
     project = make_project(tmp_path, with_driver(pg_url, driver))
     (project.path / "migrations" / "env.py").write_text(ASYNC_TEMPLATE_ENV)

@@ -36,11 +36,13 @@ class Blocker:
             connect_args={"application_name": "nightly-report"},
         )
         self.connection = self.engine.connect()
+        # An explicit begin() keeps the transaction open in SQLAlchemy 1.4's legacy mode too.
+        self.transaction = self.connection.begin()
         self.pid = self.connection.execute(sa.text("SELECT pg_backend_pid()")).scalar()
         self.connection.execute(sa.text("SELECT count(*) FROM customer")).scalar()
 
     def end(self) -> None:
-        self.connection.rollback()
+        self.transaction.rollback()
         self.connection.close()
         self.engine.dispose()
 
