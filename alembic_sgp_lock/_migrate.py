@@ -103,7 +103,7 @@ def migrate_under_lock(
 def check_checksums(
     connection: Connection, ledger: Ledger, heads: tuple[str, ...], settings: Settings
 ) -> None:
-    """Log or raise, as ``MIGRATION_ON_CHECKSUM_MISMATCH`` says, for edited applied revisions."""
+    """Log a warning or raise, as ``MIGRATION_ON_CHECKSUM_MISMATCH`` sets, for edited revisions."""
     findings = checksum_findings(connection, ledger, heads, settings.on_checksum_mismatch)
     report = PreflightReport(tuple(findings))
     if findings:
@@ -173,7 +173,12 @@ def _step_logger(recorder: StepRecorder | None) -> Callable[..., None]:
         duration = time.monotonic() - step_started
         source = ", ".join(step.source_revision_ids) or "base"
         destination = ", ".join(step.destination_revision_ids) or "base"
-        kind = "stamp" if step.is_stamp else "upgrade" if step.is_upgrade else "downgrade"
+        if step.is_stamp:
+            kind = "stamp"
+        elif step.is_upgrade:
+            kind = "upgrade"
+        else:
+            kind = "downgrade"
         logger.info("Applied %s %s -> %s in %.2f s", kind, source, destination, duration)
         if recorder is not None:
             # The migration's own connection, so the row shares the revision's transaction.
