@@ -25,7 +25,12 @@ import sqlalchemy as sa
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.support import SETTING_VARIABLES, Project, make_project  # noqa: E402
+from tests.support import (  # noqa: E402
+    SETTING_VARIABLES,
+    Project,
+    make_project,
+)
+from tests.support import read_state as read_state  # noqa: E402  (re-exported for run.py)
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "POSTGRES_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
@@ -283,24 +288,6 @@ def workspace() -> Iterator[tuple[Path, Databases]]:
             yield Path(folder), databases
         finally:
             databases.close()
-
-
-def database_state(url: str) -> tuple[frozenset[str], list[str]]:
-    """Return the table names and version rows, read from a new connection."""
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as connection:
-            tables = frozenset(sa.inspect(connection).get_table_names())
-            versions: list[str] = []
-            if "alembic_version" in tables:
-                versions = list(
-                    connection.execute(
-                        sa.text("SELECT version_num FROM alembic_version")
-                    ).scalars()
-                )
-        return tables, versions
-    finally:
-        engine.dispose()
 
 
 def summarize(values: Sequence[float]) -> dict[str, Any]:

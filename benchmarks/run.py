@@ -40,9 +40,9 @@ from _support import (
     alembic_command,
     build_project,
     compile_package,
-    database_state,
     linear_history,
     load_average,
+    read_state,
     run_one,
     summarize,
     workspace,
@@ -292,7 +292,8 @@ class Bench:
             if result.returncode != 0:
                 reason = failure_kind(result.output())
                 failures[reason] = failures.get(reason, 0) + 1
-        tables, versions = database_state(url)
+        state = read_state(url)
+        tables, versions = state.tables, state.versions
         state_ok = tables >= FIVE_TABLES and versions == [FIVE_HEAD]
         if kind != "floor":
             self.databases.drop(url)
