@@ -65,40 +65,40 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     ]
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """Create a fresh PostgreSQL database; yield its URL and drop it afterwards."""
-    admin_url = make_url(POSTGRES_ADMIN_URL)
+def _fresh_database(server: str, admin_url_text: str, create: str, drop: str) -> Iterator[str]:
+    """Create a database named by ``create``/``drop`` templates; yield its URL, then drop it."""
+    admin_url = make_url(admin_url_text)
     name = f"sgp_test_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(admin_url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as connection:
-            connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+            connection.execute(sa.text(create.format(name=name)))
     except sa.exc.OperationalError as error:
         admin.dispose()
-        _unreachable("PostgreSQL", admin_url, error)
+        _unreachable(server, admin_url, error)
     yield admin_url.set(database=name).render_as_string(hide_password=False)
     with admin.connect() as connection:
-        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        connection.execute(sa.text(drop.format(name=name)))
     admin.dispose()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """Create a fresh PostgreSQL database; yield its URL and drop it afterwards."""
+    yield from _fresh_database(
+        "PostgreSQL",
+        POSTGRES_ADMIN_URL,
+        'CREATE DATABASE "{name}"',
+        'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)',
+    )
 
 
 @pytest.fixture
 def mysql_url() -> Iterator[str]:
     """Create a fresh MariaDB/MySQL database; yield its URL and drop it afterwards."""
-    admin_url = make_url(MYSQL_ADMIN_URL)
-    name = f"sgp_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(admin_url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(sa.text(f"CREATE DATABASE `{name}`"))
-    except sa.exc.OperationalError as error:
-        admin.dispose()
-        _unreachable("MariaDB", admin_url, error)
-    yield admin_url.set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as connection:
-        connection.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
-    admin.dispose()
+    yield from _fresh_database(
+        "MariaDB", MYSQL_ADMIN_URL, "CREATE DATABASE `{name}`", "DROP DATABASE IF EXISTS `{name}`"
+    )
 
 
 @pytest.fixture
