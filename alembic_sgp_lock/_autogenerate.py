@@ -15,7 +15,7 @@ def exclude_plugin_tables(
 ) -> IncludeObject:
     """Return an ``include_object`` callback that hides the ledger and marker tables.
 
-    Without it, autogenerate sees those tables in the database but not in the
+    Without it, autogenerate finds those tables in the database but not in the
     application's metadata, and writes ``op.drop_table()`` for them.
     ``run_migrations()`` applies it by itself; a hand-written ``env.py``
     passes the result to ``context.configure(include_object=...)``.

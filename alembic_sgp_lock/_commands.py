@@ -188,7 +188,7 @@ def _connect(options: _Options, *, explain_failure: bool = True) -> Iterator[Con
     """Connect with the command's own URL.
 
     With ``explain_failure``, a failed connection becomes a MigrationLockError
-    that says what to check. Without it, the driver's error is raised as is,
+    that names what to check. Without it, the driver's error is raised as is,
     for a caller that retries transient errors.
     """
     engine = options.engine()

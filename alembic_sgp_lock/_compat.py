@@ -1,6 +1,6 @@
 """The few Alembic and SQLAlchemy internals the plugin relies on, kept in one place.
 
-Each helper degrades to a safe answer when the internal it reads is missing,
+Each helper degrades to a safe result when the internal it reads is missing,
 so a new Alembic or SQLAlchemy release makes the plugin more cautious, never
 silently unsafe.
 """
@@ -41,7 +41,7 @@ def command_writes_version_table(environment: EnvironmentContext | None) -> bool
     """Tell whether the running Alembic command may write the version table.
 
     ``current``, ``heads``, ``check`` and ``revision --autogenerate`` return
-    False. When the command cannot be told (a programmatic EnvironmentContext,
+    False. When the command cannot be determined (a programmatic EnvironmentContext,
     a future Alembic), this returns True, so the caller locks.
     """
     if environment is None:

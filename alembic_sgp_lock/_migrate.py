@@ -40,6 +40,7 @@ def migrate_under_lock(
     # Another instance may have migrated while this one waited.
     heads_before = read_heads(connection, version_table, version_table_schema)
     logger.info("Revision before migrating: %s", format_heads(heads_before))
+
     marker_table = settings.marker_table
     marker = read_marker(
         connection,
@@ -49,6 +50,7 @@ def migrate_under_lock(
     )
     if marker is not None:
         raise HalfAppliedRevisionError(marker, marker_table)
+
     environment = _compat.current_environment()
     if (
         len(set(heads_before)) == len(heads_before)
@@ -75,11 +77,13 @@ def migrate_under_lock(
         )
     ):
         return
+
     ledger = None
     if settings.ledger:
         ledger = Ledger(settings.ledger_table, version_table_schema, context.script)
         check_checksums(connection, ledger, heads_before, settings)
         ledger.prepare(connection, heads_before)
+
     marker_recorder = MarkerRecorder(
         connection,
         marker_table_name=marker_table,
@@ -91,6 +95,7 @@ def migrate_under_lock(
     configure_and_run(
         connection, target_metadata, configure_options, attempt, ledger_recorder, marker_recorder
     )
+
     commit_open_transaction(connection)
     heads_after = read_heads(connection, version_table, version_table_schema)
     logger.info(
@@ -131,6 +136,7 @@ def configure_and_run(
     elif user_callbacks:
         callbacks.extend(user_callbacks)
     options["on_version_apply"] = callbacks
+
     context.configure(connection=connection, target_metadata=target_metadata, **options)
     if connection.in_transaction():
         # Only MIGRATION_LOCK_MODE=transaction migrates inside a transaction of its own.
@@ -139,6 +145,7 @@ def configure_and_run(
     if attempt is not None:
         attempt.transactional_ddl = transactional_ddl
         attempt.migrations_started = True
+
     if recorder is not None and not transactional_ddl:
         if _compat.replace_steps_function(context.get_context(), recorder.wrap_steps):
             recorder.listen()
@@ -150,6 +157,7 @@ def configure_and_run(
             recorder = None
     else:
         recorder = None
+
     try:
         with context.begin_transaction():
             context.run_migrations()

@@ -64,7 +64,7 @@ def _session_probe(connection: Connection, token: str) -> tuple[int, str]:
 
 
 def is_direct(connection: Connection) -> bool:
-    """Tell whether PostgreSQL sees this connection's own socket address as its client."""
+    """Tell whether PostgreSQL reports this connection's own socket address as its client."""
     local = _local_address(connection)
     if local is None:
         # NOTE: a Unix-domain socket is taken as direct; a pooler listening on
@@ -78,8 +78,8 @@ def transaction_pooling_evidence(connection: Connection, engine: Engine) -> str 
     """Return why the connection looks transaction-pooled, or None when its session is private.
 
     Sets a session parameter to a random token, then checks that a second
-    transaction on this connection still sees it on the same backend, and that
-    a second connection sees neither the token nor the same backend.
+    transaction on this connection still reads it on the same backend, and that
+    a second connection reads neither the token nor the same backend.
     """
     token = uuid.uuid4().hex
     with connection.begin():

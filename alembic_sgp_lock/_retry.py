@@ -43,7 +43,7 @@ MYSQL_TRANSIENT_ERRORS = frozenset({1205, 1213, 2003, 2006, 2013})
 
 @dataclass
 class Attempt:
-    """What one attempt did, for deciding whether its error may be retried."""
+    """Record of one attempt, used to decide whether its error may be retried."""
 
     number: int
     deadline: float

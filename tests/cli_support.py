@@ -104,7 +104,7 @@ def start_cli(project: Project, *arguments: str, **settings: str) -> subprocess.
 
 
 def snapshot(url: str) -> dict[str, Any]:
-    """Describe every table, its columns and its rows, as a second connection sees them."""
+    """Describe every table, its columns and its rows, as a second connection reads them."""
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     described: dict[str, Any] = {}
     try:

@@ -148,7 +148,7 @@ def make_project(folder: Path, url: str, *, with_example_revisions: bool = True)
 
 @dataclass
 class DatabaseState:
-    """What a second connection sees in the database."""
+    """Database contents as read from a second connection."""
 
     tables: set[str]
     versions: list[str]

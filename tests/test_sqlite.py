@@ -54,7 +54,7 @@ def test_killed_holder_frees_lock_file(tmp_path: Path, sqlite_url: str) -> None:
     os.kill(holder.pid, signal.SIGKILL)
     holder.communicate(timeout=30)
     # SQLite has no transactional DDL, so the killed revision is marked as
-    # half applied; the next run gets the lock at once and stops on the marker.
+    # half applied. The next run gets the lock at once and stops on the marker.
     rejected = project.run("upgrade", "head", MIGRATION_LOCK_TIMEOUT="10")
     checked = run_cli(project, "preflight", "--format", "json")
     cleared = run_cli(project, "clear-half-applied")
