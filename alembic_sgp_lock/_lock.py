@@ -30,8 +30,8 @@ def _end_open_transaction(connection: Connection, what: str) -> None:
         )
 
 
-def _acquire(backend: LockBackend, connection: Connection, timeout: float) -> float:
-    """Wait up to ``timeout`` seconds for the lock; return the seconds waited."""
+def _acquire(backend: LockBackend, connection: Connection, timeout: float) -> None:
+    """Wait up to ``timeout`` seconds for the lock."""
     started = time.monotonic()
     give_up_at = started + timeout
     logger.info("Acquiring %s (timeout %.1f s)", backend.name, timeout)
@@ -39,7 +39,8 @@ def _acquire(backend: LockBackend, connection: Connection, timeout: float) -> fl
     try:
         if backend.try_acquire(connection):
             failed = False
-            return time.monotonic() - started
+            _log_acquired(backend, started)
+            return
         holder = backend.holder(connection)
         logger.info("Waiting for %s, held by %s", backend.name, holder or JUST_RELEASED)
         next_report = started + WAIT_REPORT_INTERVAL
@@ -60,8 +61,11 @@ def _acquire(backend: LockBackend, connection: Connection, timeout: float) -> fl
             backend.wait(connection, give_up_at - now)
             if backend.try_acquire(connection):
                 failed = False
-                return time.monotonic() - started
+                _log_acquired(backend, started)
+                return
     finally:
+        # After the "Acquired" line, so that its time is the moment of the
+        # acquisition and not of this clean-up's round trip.
         try:
             backend.stop_waiting(connection)
         except Exception:
@@ -69,6 +73,10 @@ def _acquire(backend: LockBackend, connection: Connection, timeout: float) -> fl
             if not failed:
                 raise
             logger.debug("Could not stop waiting for %s", backend.name, exc_info=True)
+
+
+def _log_acquired(backend: LockBackend, started: float) -> None:
+    logger.info("Acquired %s after %.2f s", backend.name, time.monotonic() - started)
 
 
 def _release(backend: LockBackend, connection: Connection, held_since: float) -> None:
@@ -109,8 +117,7 @@ def hold_lock(
             yield
             return
         remaining = max(0.0, timeout - (time.monotonic() - started))
-        waited = _acquire(backend, connection, remaining)
-        logger.info("Acquired %s after %.2f s", backend.name, waited)
+        _acquire(backend, connection, remaining)
         held_since = time.monotonic()
         try:
             yield

@@ -177,18 +177,26 @@ def results_markdown(results: dict[str, Any]) -> str:
             f"{next(iter(results['handoff'].values()))['waiters']} waiters. "
             "Goal for the plugin: p50 < 5 ms, p99 < 20 ms.",
             "",
-            "| backend | waiter | samples | p50 | p99 | max | waiters seen holding a snapshot |",
-            "|---|---|---|---|---|---|---|",
+            "| backend | waiter | samples | p50 | p99 | max "
+            "| waiters holding a snapshot while waiting | seen with one in a sample |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for backend, data in results["handoff"].items():
             for mode, summary in data["milliseconds"].items():
-                snapshots = data["max_waiters_with_snapshot"]
-                seen = "n/a" if snapshots is None else str(snapshots[mode])
+                held = _per_mode(data.get("max_waiters_holding_snapshot"), mode)
+                seen = _per_mode(data.get("max_waiters_seen_with_snapshot"), mode)
                 lines.append(
                     f"| {backend} | {mode} | {summary['n']} | {summary['median']:.1f} "
-                    f"| {summary['p99']:.1f} | {summary['max']:.1f} | {seen} |"
+                    f"| {summary['p99']:.1f} | {summary['max']:.1f} | {held} | {seen} |"
                 )
-        lines.append("")
+        lines += [
+            "",
+            "Every 50 ms while the waiters wait, `pg_stat_activity` is read for waiter "
+            "sessions with a snapshot. A waiter holds one while waiting when the same "
+            "snapshot shows in two samples in a row; a sample can also catch a polling "
+            "waiter during one of its tries.",
+            "",
+        ]
     if "history" in results:
         first = next(iter(results["history"].values()))
         lines += [
@@ -212,6 +220,10 @@ def results_markdown(results: dict[str, Any]) -> str:
         lines.append("")
     lines += _memory_lines(results)
     return "\n".join(lines)
+
+
+def _per_mode(counts: dict[str, int] | None, mode: str) -> str:
+    return "n/a" if counts is None else str(counts[mode])
 
 
 def _counts(succeeded: list[int], size: str) -> str:

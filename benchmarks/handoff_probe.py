@@ -9,7 +9,8 @@ every 500 ms; both exist only for comparison.
 The holder (``--role holder``) writes ``acquired`` in the sync folder once it
 holds the lock and releases it when the file ``release`` appears. A waiter
 writes ``ready-<pid>`` once it is waiting. Each process writes its times, read
-from ``time.monotonic()`` (one system-wide clock on Linux), to ``--result``.
+from ``time.monotonic()`` (one system-wide clock on Linux), to ``--result``,
+and exits once the file ``done`` appears.
 """
 
 from __future__ import annotations
@@ -143,8 +144,13 @@ def main() -> None:
                 time.sleep(0.001)
         else:
             time.sleep(arguments.hold)
-    engine.dispose()
     arguments.result.write_text(json.dumps({"role": arguments.role, "times": times}))
+    # Stay until every process of the round has had the lock: on 2 cores the
+    # exit of the previous holder competed with the next waiter for the CPU.
+    done = sync / "done"
+    while not done.exists():
+        time.sleep(0.1)
+    engine.dispose()
 
 
 if __name__ == "__main__":

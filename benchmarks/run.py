@@ -312,15 +312,17 @@ class Bench:
         modes = ("plugin", "blocking", "poll500") if backend == "postgresql" else ("plugin",)
         samples: dict[str, list[float]] = {mode: [] for mode in modes}
         after_unlock: dict[str, list[float]] = {mode: [] for mode in modes}
-        snapshots: dict[str, int] = {mode: 0 for mode in modes}
+        snapshots_seen: dict[str, int] = {mode: 0 for mode in modes}
+        snapshots_held: dict[str, int] = {mode: 0 for mode in modes}
         for round_index in range(self.plan.handoff_rounds):
             rotated = modes[round_index % len(modes) :] + modes[: round_index % len(modes)]
             for mode in rotated:
                 log(f"hand-off {backend} {mode} (round {round_index + 1})")
-                handoffs, unlocks, snapshot_count = self._handoff_round(url, backend, mode)
+                handoffs, unlocks, (seen, held) = self._handoff_round(url, backend, mode)
                 samples[mode] += handoffs
                 after_unlock[mode] += unlocks
-                snapshots[mode] = max(snapshots[mode], snapshot_count)
+                snapshots_seen[mode] = max(snapshots_seen[mode], seen)
+                snapshots_held[mode] = max(snapshots_held[mode], held)
         self.databases.drop(url)
         return {
             "waiters": self.plan.handoff_waiters,
@@ -328,12 +330,15 @@ class Bench:
             "after_unlock_milliseconds": {
                 mode: summarize(values) for mode, values in after_unlock.items()
             },
-            "max_waiters_with_snapshot": snapshots if backend == "postgresql" else None,
+            "max_waiters_seen_with_snapshot": (
+                snapshots_seen if backend == "postgresql" else None
+            ),
+            "max_waiters_holding_snapshot": snapshots_held if backend == "postgresql" else None,
         }
 
     def _handoff_round(
         self, url: str, backend: str, mode: str
-    ) -> tuple[list[float], list[float], int]:
+    ) -> tuple[list[float], list[float], tuple[int, int]]:
         sync = self.scratch(f"handoff-{mode}")
         group = ProcessGroup(PROCESS_TIMEOUT)
 
@@ -363,14 +368,32 @@ class Bench:
             300,
             "every waiter to wait",
         )
-        # Every waiter is now waiting: sample which of them have a snapshot.
-        snapshot_count = 0
+        # Every waiter is now waiting: sample which of them have a snapshot. A
+        # polling waiter has one for the microseconds of each try, so a sample
+        # can catch it; a waiter holds a snapshot while it waits when the same
+        # one shows in two samples 50 ms apart.
+        seen = held = 0
+        previous: set[tuple[int, str]] = set()
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:
             if backend == "postgresql":
-                snapshot_count = max(snapshot_count, _waiters_with_snapshot(self.databases, url))
+                current = _waiters_with_snapshot(self.databases, url)
+                seen = max(seen, len(current))
+                held = max(held, len(current & previous))
+                previous = current
             time.sleep(0.05)
         (sync / "release").touch()
+        # A process that exits early has failed; group.wait() reports it.
+        _wait_for(
+            lambda: (
+                len(list(sync.glob("result-*.json"))) > self.plan.handoff_waiters
+                or any(process.poll() is not None for process, _ in group.processes)
+            ),
+            PROCESS_TIMEOUT,
+            "every process to have had the lock",
+            interval=0.1,
+        )
+        (sync / "done").touch()
         _, results = group.wait()
         for number, result in enumerate(results):
             check_ok(result, f"hand-off process {number}")
@@ -386,7 +409,7 @@ class Bench:
         unlocks = [
             (after["acquired"] - before["released"]) * 1000 for before, after in pairwise(records)
         ]
-        return handoffs, unlocks, snapshot_count
+        return handoffs, unlocks, (seen, held)
 
     # -- large histories -----------------------------------------------------------
 
@@ -440,29 +463,29 @@ def _ratio(seconds: dict[str, list[float]]) -> float:
     return _median(seconds["plugin"]) / _median(seconds["plain"])
 
 
-def _wait_for(condition: Any, timeout: float, what: str) -> None:
+def _wait_for(condition: Any, timeout: float, what: str, interval: float = 0.01) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.01)
+        time.sleep(interval)
 
 
-def _waiters_with_snapshot(databases: Databases, url: str) -> int:
+def _waiters_with_snapshot(databases: Databases, url: str) -> set[tuple[int, str]]:
+    """Return (pid, backend_xmin) of the waiter sessions that have a snapshot or a transaction."""
     import sqlalchemy as sa
 
     name = sa.make_url(url).database
     with databases.admin.connect() as connection:
-        return int(
-            connection.execute(
-                sa.text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = :name "
-                    "AND application_name LIKE 'sgp-bench-waiter%' "
-                    "AND (backend_xmin IS NOT NULL OR state LIKE 'idle in transaction%')"
-                ),
-                {"name": name},
-            ).scalar_one()
-        )
+        rows = connection.execute(
+            sa.text(
+                "SELECT pid, coalesce(backend_xmin::text, state) FROM pg_stat_activity "
+                "WHERE datname = :name AND application_name LIKE 'sgp-bench-waiter%' "
+                "AND (backend_xmin IS NOT NULL OR state LIKE 'idle in transaction%')"
+            ),
+            {"name": name},
+        ).all()
+    return {(int(pid), str(snapshot)) for pid, snapshot in rows}
 
 
 def machine(databases: Databases) -> dict[str, Any]:
