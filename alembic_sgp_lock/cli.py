@@ -38,7 +38,7 @@ from ._log import logger
 from ._preflight import check_before_upgrade
 from ._retry import Attempt, run_with_retries
 from ._settings import Settings
-from ._state import read_heads
+from ._state import format_heads, read_heads
 
 # Alembic commands that write the version table, and so run under the lock.
 LOCKED_COMMANDS = frozenset({"upgrade", "downgrade", "stamp"})
@@ -185,6 +185,17 @@ class SgpCommandLine(CommandLine):
         attempt: Attempt,
     ) -> None:
         command = options.cmd[0].__name__
+        if command == "upgrade" and settings.lock_enabled:
+            heads = _heads_if_at_target(config, options, connection, own)
+            if heads is not None:
+                logger.info(
+                    "Database is already at %s; nothing to migrate, lock not taken",
+                    format_heads(heads),
+                )
+                attempt.migrations_started = True
+                attempt.transactional_ddl = False
+                self._call(config, options)
+                return
         # NOTE: the hook in env.py skips its own lock only when its URL (host,
         # port, database) and version table give this lock's identity. If they
         # differ, it waits for this process until MIGRATION_LOCK_TIMEOUT.
@@ -211,6 +222,27 @@ class SgpCommandLine(CommandLine):
             attempt.migrations_started = True
             attempt.transactional_ddl = False
             self._call(config, options)
+
+
+def _heads_if_at_target(
+    config: Config, options: Namespace, connection: Connection, own: _Options
+) -> tuple[str, ...] | None:
+    """Return the database's heads when ``upgrade head`` or ``upgrade heads`` has nothing to do.
+
+    Any other target, duplicate version rows and a script directory with
+    several heads under ``upgrade head`` return None, so that the command takes
+    the lock and the pre-flight checks or Alembic report them.
+    """
+    target = getattr(options, "revision", None)
+    if target not in ("head", "heads"):
+        return None
+    heads = read_heads(connection, own.version_table.name, own.version_table.schema)
+    if not heads or len(set(heads)) != len(heads):
+        return None
+    script_heads = set(ScriptDirectory.from_config(config).get_heads())
+    if target == "head" and len(script_heads) != 1:
+        return None
+    return heads if set(heads) == script_heads else None
 
 
 def _configure_logging(config: Config) -> None:

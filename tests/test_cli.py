@@ -320,3 +320,38 @@ def test_command_preflight_without_hook(tmp_path: Path, sqlite_url: str) -> None
     assert finished.returncode == 7, finished.output
     assert "[database-ahead]" in finished.stderr
     assert read_state(sqlite_url).versions == ["abcdef123456"]
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize(
+    ("target", "takes_lock"),
+    [
+        pytest.param("head", False, id="head"),
+        pytest.param("heads", False, id="heads"),
+        pytest.param(EXAMPLE_HEAD, True, id="explicit-revision"),
+    ],
+)
+def test_command_at_head_skips_lock(
+    tmp_path: Path, pg_url: str, target: str, takes_lock: bool
+) -> None:
+    # Without the hook, so that only the command's own lock is at stake.
+    project = make_project(tmp_path, pg_url)
+    use_env(project, PLAIN_ENV)
+    assert run_cli(project, "upgrade", "head").returncode == 0
+    engine, blocker = hold_lock(pg_url, "blocker-app")
+    try:
+        finished = run_cli(
+            project, "upgrade", target, MIGRATION_LOCK_TIMEOUT="1", MIGRATION_MAX_RETRIES="0"
+        )
+    finally:
+        blocker.close()
+        engine.dispose()
+
+    assert read_state(pg_url).versions == [EXAMPLE_HEAD]
+    if takes_lock:
+        assert finished.returncode == 4, finished.output
+        assert "lock not taken" not in finished.output
+    else:
+        assert finished.returncode == 0, finished.output
+        assert f"Database is already at {EXAMPLE_HEAD}; nothing to migrate" in finished.output
+        assert "Acquiring " not in finished.output
