@@ -11,7 +11,7 @@ import os
 from argparse import Namespace
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timezone
 
 import sqlalchemy as sa
 from alembic.config import Config
@@ -283,9 +283,14 @@ def accept_checksum(config: Config, revision: str, note: str | None = None) -> N
 accept_checksum.__name__ = "accept-checksum"
 
 
+def _as_utc(value: datetime) -> datetime:
+    # The ledger stores UTC without a time zone, as every backend's DATETIME can.
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
 def _json_value(value: object) -> str:
     if isinstance(value, datetime):
-        return value.isoformat(sep=" ")
+        return _as_utc(value).isoformat()
     return str(value)
 
 
@@ -293,7 +298,7 @@ def _text_value(value: object) -> str:
     if value is None:
         return "-"
     if isinstance(value, datetime):
-        return value.isoformat(sep=" ", timespec="seconds")
+        return _as_utc(value).isoformat(sep=" ", timespec="seconds")
     return str(value)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,12 @@ def test_ledger_command_text_and_json(tmp_path: Path, database_url: str) -> None
     assert [row["revision"] for row in rows] == list(EXAMPLE_REVISIONS)
     assert all(row["direction"] == "upgrade" for row in rows)
     assert all(row["checksum"].startswith("sha256:") for row in rows)
+    now = datetime.now(timezone.utc)
+    for row in rows:
+        finished_at = datetime.fromisoformat(row["finished_at"])
+        assert finished_at.utcoffset() == timedelta(0), row["finished_at"]
+        assert abs(now - finished_at) < timedelta(minutes=10), row["finished_at"]
+    assert "+00:00" in text.stdout
 
 
 def test_preflight_reports_checksum_mismatch(tmp_path: Path, database_url: str) -> None:
