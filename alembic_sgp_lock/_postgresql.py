@@ -24,6 +24,7 @@ import re
 import select
 import time
 from collections.abc import Hashable
+from dataclasses import dataclass
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
@@ -77,6 +78,15 @@ def lock_key(key_text: str, explicit_name: str | None) -> int:
             if INT64_MIN <= value <= INT64_MAX:
                 return value
     return stable_hash64(key_text)
+
+
+@dataclass(frozen=True)
+class QueuedWaiter:
+    """A session in the queue for the lock."""
+
+    pid: int
+    application_name: str | None
+    waiting_seconds: float
 
 
 class PostgresAdvisoryLock:
@@ -215,6 +225,31 @@ class PostgresAdvisoryLock:
                 },
             ).one()[0]
         return bool(released)
+
+    def queued_waiters(self, connection: Connection) -> list[QueuedWaiter]:
+        """Return the sessions queued for the lock, longest waiting first.
+
+        Only psycopg2 sessions queue. Other drivers wait by polling and are not listed.
+        """
+        with connection.begin():
+            rows = connection.execute(
+                text(
+                    "SELECT l.pid, a.application_name, "
+                    f"({TICKET_SQL} - l.objid::bigint + 2147483647) % 2147483647 "
+                    "FROM pg_catalog.pg_locks l "
+                    "LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid "
+                    "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 "
+                    "AND l.classid = CAST(:queue AS oid) "
+                    "AND l.database = (SELECT oid FROM pg_catalog.pg_database "
+                    "WHERE datname = current_database()) "
+                    "ORDER BY 3 DESC, l.pid"
+                ),
+                {"queue": self.queue_key},
+            ).all()
+        return [
+            QueuedWaiter(int(pid), application_name or None, int(age_ms) / 1000)
+            for pid, application_name, age_ms in rows
+        ]
 
     def holder(self, connection: Connection) -> LockHolder | None:
         with connection.begin():

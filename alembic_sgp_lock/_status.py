@@ -12,6 +12,7 @@ from sqlalchemy.engine import Connection
 
 from ._backend import LockBackend
 from ._errors import LockHolder
+from ._postgresql import PostgresAdvisoryLock, QueuedWaiter
 from ._sqlite import SqliteFileLock
 
 
@@ -22,6 +23,8 @@ class LockStatus:
     lock_name: str
     held: bool
     holder: LockHolder | None
+    #: Sessions queued for the lock (PostgreSQL), or None where they cannot be listed.
+    waiters: tuple[QueuedWaiter, ...] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Return the status as a JSON-ready dictionary; ``since`` is ISO 8601 in UTC."""
@@ -36,12 +39,22 @@ class LockStatus:
                 "statement": self.holder.statement,
                 "description": self.holder.description,
             }
-        return {"lock": self.lock_name, "held": self.held, "holder": holder}
+        waiters = None
+        if self.waiters is not None:
+            waiters = [
+                {
+                    "pid": waiter.pid,
+                    "application_name": waiter.application_name,
+                    "waiting_seconds": waiter.waiting_seconds,
+                }
+                for waiter in self.waiters
+            ]
+        return {"lock": self.lock_name, "held": self.held, "holder": holder, "waiters": waiters}
 
     def describe(self) -> str:
         """Return the status as one or more lines of text."""
         if not self.held:
-            return f"The migration lock is free: {self.lock_name}"
+            return "\n".join([f"The migration lock is free: {self.lock_name}", *self._queue()])
         lines = [f"The migration lock is held: {self.lock_name}"]
         holder = self.holder or LockHolder()
         rows = [
@@ -55,7 +68,17 @@ class LockStatus:
         lines.extend(f"  {label}: {value}" for label, value in rows if value is not None)
         if holder.held_seconds is not None:
             lines.append(f"  held for: {holder.held_seconds:.1f} s")
+        lines.extend(self._queue())
         return "\n".join(lines)
+
+    def _queue(self) -> list[str]:
+        if not self.waiters:
+            return []
+        lines = [f"Waiting in the queue: {len(self.waiters)}, longest waiting first"]
+        for waiter in self.waiters:
+            name = f" ({waiter.application_name})" if waiter.application_name else ""
+            lines.append(f"  pid {waiter.pid}{name}: waiting {waiter.waiting_seconds:.1f} s")
+        return lines
 
 
 def _since(holder: LockHolder) -> str | None:
@@ -72,7 +95,10 @@ def read_lock_status(connection: Connection, backend: LockBackend) -> LockStatus
         holder = backend.holder(connection) if held else None
         return LockStatus(backend.name, held, holder)
     holder = backend.holder(connection)
-    return LockStatus(backend.name, holder is not None, holder)
+    waiters = None
+    if isinstance(backend, PostgresAdvisoryLock):
+        waiters = tuple(backend.queued_waiters(connection))
+    return LockStatus(backend.name, holder is not None, holder, waiters)
 
 
 def _sqlite_file_locked(backend: SqliteFileLock) -> bool:

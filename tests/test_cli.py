@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.cli_support import PLAIN_ENV, run_cli, start_cli, use_env
-from tests.support import EXAMPLE_HEAD, EXAMPLE_REVISIONS, make_project, read_state
+from tests.support import EXAMPLE_HEAD, EXAMPLE_REVISIONS, Project, make_project, read_state
 from tests.tcp_forwarder import free_port
 from tests.test_postgresql_upgrade import hold_lock
 
@@ -57,7 +57,61 @@ def test_lock_status_names_postgres_holder(tmp_path: Path, pg_url: str) -> None:
     assert f"pid: {blocker_pid}" in text.stdout
     assert "application name: blocker-app" in text.stdout
     assert free.returncode == 0, free.output
-    assert json.loads(free.stdout) == {"lock": status["lock"], "held": False, "holder": None}
+    assert json.loads(free.stdout) == {
+        "lock": status["lock"],
+        "held": False,
+        "holder": None,
+        "waiters": [],
+    }
+
+
+def queued_waiters(project: Project) -> list[dict[str, object]]:
+    status = run_cli(project, "lock-status", "--format", "json")
+    assert status.returncode == 0, status.output
+    waiters: list[dict[str, object]] = json.loads(status.stdout)["waiters"]
+    return waiters
+
+
+@pytest.mark.postgresql
+def test_lock_status_lists_queued_waiters(tmp_path: Path, pg_url: str) -> None:
+    project = make_project(tmp_path, pg_url)
+    engine, blocker = hold_lock(pg_url, "blocker-app")
+    waiters = []
+    try:
+        for number in range(2):
+            waiters.append(
+                project.start(
+                    "upgrade",
+                    "head",
+                    MIGRATION_LOCK_TIMEOUT="120",
+                    PGAPPNAME=f"queued-{number}",
+                )
+            )
+            deadline = time.monotonic() + 60
+            while len(queued_waiters(project)) <= number:
+                assert time.monotonic() < deadline, "the waiter never queued"
+                time.sleep(0.2)
+        queued = run_cli(project, "lock-status", "--format", "json")
+        text = run_cli(project, "lock-status")
+    finally:
+        blocker.close()
+        engine.dispose()
+    outputs = [waiter.communicate(timeout=120)[0] for waiter in waiters]
+
+    status = json.loads(queued.stdout)
+    assert status["held"] is True
+    assert [waiter["application_name"] for waiter in status["waiters"]] == [
+        "queued-0",
+        "queued-1",
+    ]
+    ages = [waiter["waiting_seconds"] for waiter in status["waiters"]]
+    assert ages[0] >= ages[1] >= 0
+    assert "Waiting in the queue: 2, longest waiting first" in text.stdout
+    assert "(queued-0): waiting " in text.stdout
+    for waiter, output in zip(waiters, outputs, strict=True):
+        assert waiter.returncode == 0, output
+    assert queued_waiters(project) == []
+    assert read_state(pg_url).versions == [EXAMPLE_HEAD]
 
 
 @pytest.mark.postgresql
