@@ -20,10 +20,10 @@ from sqlalchemy.engine import Connection, Engine
 
 from . import _compat
 from ._backend import backend_for
-from ._errors import HalfAppliedMarker, MigrationLockError
+from ._errors import MigrationLockError
 from ._exit_codes import ExitCode, exit_code_for
 from ._ledger import Ledger, checksum_findings
-from ._marker import read_marker
+from ._marker import HalfAppliedMarker, read_marker
 from ._preflight import (
     ERROR,
     HALF_APPLIED_REVISION,

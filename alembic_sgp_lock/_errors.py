@@ -8,9 +8,12 @@ instead of a traceback.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from typing import TYPE_CHECKING
 
 from alembic.util import CommandError
+
+if TYPE_CHECKING:
+    from ._marker import HalfAppliedMarker
 
 
 @dataclass(frozen=True)
@@ -40,26 +43,6 @@ class LockHolder:
         if self.description:
             parts.append(self.description)
         return ", ".join(parts) if parts else "an unknown session"
-
-
-@dataclass(frozen=True)
-class HalfAppliedMarker:
-    """A revision that started on a database without transactional DDL and never finished.
-
-    Revision lists are comma-separated, and empty for ``base``.
-    """
-
-    version_table: str
-    revision: str
-    direction: str
-    source_revisions: str
-    destination_revisions: str
-    script_path: str
-    holder: str
-    started_at: datetime
-    statement_count: int
-    statements: tuple[str, ...]
-    error: str | None
 
 
 # The command that clears a half-applied marker.

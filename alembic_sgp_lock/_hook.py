@@ -11,23 +11,19 @@ from alembic import context
 from sqlalchemy import engine_from_config, pool
 from sqlalchemy.engine import Connection, Engine, make_url
 
+# Only what every online run needs is imported here. The lock, migration,
+# ledger and pre-flight modules are imported where they are used, so the
+# fast path for a database at head skips them unless MIGRATION_LEDGER or
+# MIGRATION_LOCK_MODE=transaction needs them.
 from . import _compat
 from ._autogenerate import exclude_plugin_tables
 from ._errors import MigrationLockError
-from ._ledger import Ledger
-from ._lock import hold_lock
 from ._log import logger
-from ._migrate import check_checksums, configure_and_run, migrate_under_lock
-from ._pooler import check_not_transaction_pooled
 from ._retry import Attempt, run_with_retries
 from ._session import ddl_timeouts, prepare_connection, set_client_keepalives
 from ._settings import Settings
 from ._signals import stop_on_signals
 from ._state import format_heads, read_heads
-from ._transaction_lock import (
-    migrate_in_one_transaction,
-    reject_transaction_per_migration,
-)
 
 if TYPE_CHECKING:
     # sqlalchemy.ext.asyncio needs greenlet, which only asyncio projects install.
@@ -157,6 +153,8 @@ def _run_online(
     environment = _compat.current_environment()
     safe_url = engine.url.render_as_string(hide_password=True)
     if not _compat.command_writes_version_table(environment):
+        from ._migrate import configure_and_run
+
         # current, heads, check and the like: never wait behind a migration.
         with engine.connect() as connection:
             configure_and_run(connection, target_metadata, configure_options, None)
@@ -166,6 +164,8 @@ def _run_online(
     version_table_schema = configure_options.get("version_table_schema")
     transaction_scoped = settings.lock_enabled and settings.lock_mode == "transaction"
     if transaction_scoped:
+        from ._transaction_lock import reject_transaction_per_migration
+
         reject_transaction_per_migration(configure_options)
 
     def attempt_migration(attempt: Attempt) -> None:
@@ -189,6 +189,9 @@ def _run_online(
                     and not _ledger_needs_baseline(connection, settings, version_table_schema)
                 ):
                     if settings.ledger:
+                        from ._ledger import Ledger
+                        from ._migrate import check_checksums
+
                         # Read-only, so an edited revision is reported without the lock.
                         ledger = Ledger(
                             settings.ledger_table, version_table_schema, context.script
@@ -199,6 +202,12 @@ def _run_online(
                         format_heads(heads),
                     )
                     return
+
+                from ._lock import hold_lock
+                from ._migrate import configure_and_run, migrate_under_lock
+                from ._pooler import check_not_transaction_pooled
+                from ._transaction_lock import migrate_in_one_transaction
+
                 if transaction_scoped:
                     migrate_in_one_transaction(
                         connection,

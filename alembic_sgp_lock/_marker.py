@@ -18,16 +18,15 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection
 
 from . import _compat
-from ._errors import HalfAppliedMarker
 from ._log import logger
 
 # Statements kept in the row, and characters kept of each; the count goes on.
@@ -39,8 +38,32 @@ READ_ONLY_PREFIXES = ("select", "show", "describe", "desc ", "explain")
 RAW_PARAMSTYLES = frozenset({"format", "pyformat"})
 
 
+@dataclass(frozen=True)
+class HalfAppliedMarker:
+    """A revision that started on a database without transactional DDL and never finished.
+
+    Revision lists are comma-separated, and empty for ``base``.
+    """
+
+    version_table: str
+    revision: str
+    direction: str
+    source_revisions: str
+    destination_revisions: str
+    script_path: str
+    holder: str
+    started_at: datetime
+    statement_count: int
+    statements: tuple[str, ...]
+    error: str | None
+
+
 def marker_table(name: str, schema: str | None) -> sa.Table:
     """Return the marker table's definition."""
+    # Imported here because SQLAlchemy's MySQL dialect is slow to import, and
+    # only runs that read or write a marker need it.
+    from sqlalchemy.dialects import mysql
+
     return sa.Table(
         name,
         sa.MetaData(),

@@ -9,10 +9,10 @@ from sqlalchemy import create_engine, pool
 from sqlalchemy.engine import make_url
 
 from . import _compat
-from ._errors import HalfAppliedMarker, MigrationLockError
+from ._errors import MigrationLockError
 from ._lock import hold_lock
 from ._log import logger
-from ._marker import delete_marker, marker_table, read_marker
+from ._marker import HalfAppliedMarker, delete_marker, marker_table, read_marker
 from ._settings import Settings
 
 
