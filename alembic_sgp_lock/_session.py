@@ -84,12 +84,16 @@ def timeout_parameters(settings: Settings) -> dict[str, str]:
 
 
 def set_parameters(connection: Connection, parameters: dict[str, str], *, local: bool) -> None:
-    """Set server parameters in the connection's current transaction."""
-    for name, value in parameters.items():
-        connection.execute(
-            text("SELECT set_config(:name, :value, :local)"),
-            {"name": name, "value": value, "local": local},
-        )
+    """Set server parameters in the connection's current transaction, in one round trip."""
+    if not parameters:
+        return
+    calls = []
+    values: dict[str, object] = {"local": local}
+    for index, (name, value) in enumerate(parameters.items()):
+        calls.append(f"set_config(:name_{index}, :value_{index}, :local)")
+        values[f"name_{index}"] = name
+        values[f"value_{index}"] = value
+    connection.execute(text("SELECT " + ", ".join(calls)), values)
 
 
 def prepare_connection(connection: Connection) -> None:
