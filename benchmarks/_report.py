@@ -9,6 +9,11 @@ from typing import Any
 START_MARK = "<!-- results:start (written by benchmarks/run.py) -->"
 END_MARK = "<!-- results:end -->"
 BACKEND_TITLES = {"postgresql": "PostgreSQL", "sqlite": "SQLite file"}
+HISTORY_LABELS = {
+    "upgrade": "upgrade head (no-op)",
+    "current": "current",
+    "preflight": "preflight (plain: current)",
+}
 
 
 def write_chart(results: dict[str, Any], path: Path) -> None:
@@ -202,7 +207,9 @@ def results_markdown(results: dict[str, Any]) -> str:
         lines += [
             "### Large histories",
             "",
-            f"{first['revisions']} linear revisions, database at head.",
+            f"{first['revisions']} linear revisions, database at head. Plain Alembic has no "
+            "pre-flight checks, so `alembic-sgp-lock preflight` is compared with plain "
+            "`alembic current`, which also loads the revision map and reads the version table.",
             "",
             "| backend | command | plain (s) | plugin (s) | plugin / plain | goal <= 1.10 "
             "| CPU time plugin / plain |",
@@ -210,7 +217,7 @@ def results_markdown(results: dict[str, Any]) -> str:
         ]
         for backend, data in results["history"].items():
             for name, by_variant in data["seconds"].items():
-                label = "upgrade head (no-op)" if name == "upgrade" else "current"
+                label = HISTORY_LABELS.get(name, name)
                 ratio = data["ratio"][name]
                 lines.append(
                     f"| {backend} | {label} | {_spread(by_variant['plain'])} "

@@ -101,6 +101,9 @@ SINGLE_RUNS_PER_ROUND = 2
 # The plugin's log line after Alembic's run: "Revision after migrating: <heads> (0.05 s)".
 MIGRATION_LOG = re.compile(r"Revision after migrating: .*\(([\d.]+) s\)")
 SECTIONS = ("noop", "contention", "handoff", "history")
+HISTORY_COMMANDS = ("upgrade", "current", "preflight")
+# The plugin's console script, installed beside this Python.
+SGP_COMMAND = Path(sys.executable).with_name("alembic-sgp-lock")
 
 
 def log(message: str) -> None:
@@ -157,8 +160,11 @@ class Bench:
         }
 
     def run(self, project: Project, *arguments: str) -> Any:
+        return self.run_command(project, alembic_command(project, *arguments))
+
+    def run_command(self, project: Project, command: list[str]) -> Any:
         output = self.scratch("output") / "output.txt"
-        return run_one(alembic_command(project, *arguments), project.path, output, PROCESS_TIMEOUT)
+        return run_one(command, project.path, output, PROCESS_TIMEOUT)
 
     # -- no-op overhead ------------------------------------------------------------
 
@@ -318,11 +324,13 @@ class Bench:
             rotated = modes[round_index % len(modes) :] + modes[: round_index % len(modes)]
             for mode in rotated:
                 log(f"hand-off {backend} {mode} (round {round_index + 1})")
-                handoffs, unlocks, (seen, held) = self._handoff_round(url, backend, mode)
+                handoffs, unlocks, (seen_count, held_count) = self._handoff_round(
+                    url, backend, mode
+                )
                 samples[mode] += handoffs
                 after_unlock[mode] += unlocks
-                snapshots_seen[mode] = max(snapshots_seen[mode], seen)
-                snapshots_held[mode] = max(snapshots_held[mode], held)
+                snapshots_seen[mode] = max(snapshots_seen[mode], seen_count)
+                snapshots_held[mode] = max(snapshots_held[mode], held_count)
         self.databases.drop(url)
         return {
             "waiters": self.plan.handoff_waiters,
@@ -372,14 +380,14 @@ class Bench:
         # polling waiter has one for the microseconds of each try, so a sample
         # can catch it; a waiter holds a snapshot while it waits when the same
         # one shows in two samples 50 ms apart.
-        seen = held = 0
+        seen_count = held_count = 0
         previous: set[tuple[int, str]] = set()
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:
             if backend == "postgresql":
                 current = _waiters_with_snapshot(self.databases, url)
-                seen = max(seen, len(current))
-                held = max(held, len(current & previous))
+                seen_count = max(seen_count, len(current))
+                held_count = max(held_count, len(current & previous))
                 previous = current
             time.sleep(0.05)
         (sync / "release").touch()
@@ -409,27 +417,32 @@ class Bench:
         unlocks = [
             (after["acquired"] - before["released"]) * 1000 for before, after in pairwise(records)
         ]
-        return handoffs, unlocks, (seen, held)
+        return handoffs, unlocks, (seen_count, held_count)
 
     # -- large histories -----------------------------------------------------------
 
     def history(self, backend: str) -> dict[str, Any]:
-        """Time a no-op upgrade and ``alembic current`` with a long linear history."""
+        """Time a no-op upgrade, ``alembic current`` and the pre-flight checks, long history."""
         url = self.databases.new(backend)
         revisions = linear_history(self.plan.history_length)
         projects = self.projects(f"history-{backend}", url, revisions)
         check_ok(self.run(projects["plugin"], "stamp", "head"), "stamp head")
-        commands = {"upgrade": ("upgrade", "head"), "current": ("current",)}
-        for variant in VARIANTS:
-            for arguments in commands.values():
-                check_ok(self.run(projects[variant], *arguments), f"{variant} warm-up")
+        commands = {
+            name: {
+                variant: history_command(name, variant, projects[variant]) for variant in VARIANTS
+            }
+            for name in HISTORY_COMMANDS
+        }
+        for by_variant in commands.values():
+            for variant, command in by_variant.items():
+                check_ok(self.run_command(projects[variant], command), f"{variant} warm-up")
         seconds = {name: {variant: [] for variant in VARIANTS} for name in commands}
         cpu = {name: {variant: [] for variant in VARIANTS} for name in commands}
         rss: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
         for index in range(self.plan.history_pairs):
-            for name, arguments in commands.items():
+            for name, by_variant in commands.items():
                 for variant in alternate(index):
-                    result = self.run(projects[variant], *arguments)
+                    result = self.run_command(projects[variant], by_variant[variant])
                     check_ok(result, f"{variant} {name}")
                     seconds[name][variant].append(result.seconds)
                     cpu[name][variant].append(result.cpu_seconds)
@@ -446,6 +459,17 @@ class Bench:
             "cpu_ratio": {name: _ratio(by_variant) for name, by_variant in cpu.items()},
             "max_rss_mib": {variant: summarize(values) for variant, values in rss.items()},
         }
+
+
+def history_command(name: str, variant: str, project: Project) -> list[str]:
+    """Return the command that the large-history section times as ``name`` for ``variant``."""
+    if name == "upgrade":
+        return alembic_command(project, "upgrade", "head")
+    if name == "preflight" and variant == "plugin":
+        return [str(SGP_COMMAND), "-c", str(project.ini), "preflight"]
+    # Plain Alembic has no pre-flight checks. Its nearest command, `current`,
+    # also loads the revision map, connects and reads the version table.
+    return alembic_command(project, "current")
 
 
 def _logged_migration_seconds(output: str) -> float:
