@@ -135,6 +135,13 @@ def _write(config: Config, text: str) -> None:
     config.stdout.flush()
 
 
+# Where the command's own URL comes from, in order of precedence.
+URL_SOURCES = (
+    "pass the URL with --database-url, set MIGRATION_DATABASE_URL, or set sqlalchemy.url "
+    "in the ini section"
+)
+
+
 class _Options:
     """The database and version table that this command's own connection uses."""
 
@@ -168,19 +175,24 @@ class _Options:
     def engine(self) -> Engine:
         """Build a NullPool engine for the URL; raise InvalidConfigurationError if unusable."""
         if self.url is None:
-            raise InvalidConfigurationError(
-                "No database URL: pass --database-url to alembic-sgp-lock, or set "
-                "sqlalchemy.url in the ini section"
-            )
+            raise InvalidConfigurationError(f"No database URL: {URL_SOURCES}")
         try:
             url = _compat.with_installed_driver(sa.engine.make_url(self.url))
             return sa.create_engine(url, poolclass=sa.pool.NullPool)
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as error:
             # ImportError: the URL names a driver that is not installed.
             raise InvalidConfigurationError(
-                f"The database URL {self.safe_url} cannot be used: {error}. Pass the real URL "
-                "with --database-url, or fix sqlalchemy.url in the ini section"
+                f"The database URL {self.safe_url} cannot be used: {error}. {URL_SOURCES}"
             ) from error
+
+
+def connect_failure(options: _Options, error: sa.exc.DBAPIError) -> MigrationLockError:
+    """Return the error to raise when the command's own connection cannot be opened."""
+    first_line = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
+    return MigrationLockError(
+        f"Could not connect to {options.safe_url}: {first_line}. Check the server, "
+        f"the database name and the credentials, and {URL_SOURCES}"
+    )
 
 
 @contextmanager
@@ -198,12 +210,7 @@ def _connect(options: _Options, *, explain_failure: bool = True) -> Iterator[Con
         except sa.exc.DBAPIError as error:
             if not explain_failure:
                 raise
-            first_line = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
-            raise MigrationLockError(
-                f"Could not connect to {options.safe_url}: {first_line}. Check the server, "
-                "the database name and the credentials, and pass the right URL with "
-                "--database-url or sqlalchemy.url"
-            ) from error
+            raise connect_failure(options, error) from error
         with connection:
             yield connection
     finally:

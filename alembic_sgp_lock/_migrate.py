@@ -21,7 +21,13 @@ from ._ledger import Ledger, StepRecorder, checksum_findings, utc_now
 from ._lock import commit_open_transaction
 from ._log import logger
 from ._marker import MarkerRecorder, read_marker
-from ._preflight import PreflightReport, VersionTable, check_before_upgrade, log_report
+from ._preflight import (
+    Finding,
+    PreflightReport,
+    VersionTable,
+    check_before_upgrade,
+    log_report,
+)
 from ._retry import Attempt
 from ._settings import Settings
 from ._state import format_heads, read_heads
@@ -64,24 +70,25 @@ def migrate_under_lock(
             format_heads(heads_before),
         )
         return
-    if (
-        environment is not None
-        and _compat.command_name(environment) == "upgrade"
-        and not check_before_upgrade(
+    ledger = None
+    drift: list[Finding] = []
+    if settings.ledger:
+        ledger = Ledger(settings.ledger_table, version_table_schema, context.script)
+        drift = checksum_findings(connection, ledger, heads_before, settings.on_checksum_mismatch)
+    if environment is not None and _compat.command_name(environment) == "upgrade":
+        if not check_before_upgrade(
             connection,
             environment.script,
             heads_before,
             version_table=VersionTable(version_table, version_table_schema),
             target=_compat.destination_revision(environment),
             on_unknown_revision=settings.on_unknown_revision,
-        )
-    ):
-        return
-
-    ledger = None
-    if settings.ledger:
-        ledger = Ledger(settings.ledger_table, version_table_schema, context.script)
-        check_checksums(connection, ledger, heads_before, settings)
+            more_findings=drift,
+        ):
+            return
+    else:
+        report_checksums(drift)
+    if ledger is not None:
         ledger.prepare(connection, heads_before)
 
     marker_recorder = MarkerRecorder(
@@ -109,7 +116,11 @@ def check_checksums(
     connection: Connection, ledger: Ledger, heads: tuple[str, ...], settings: Settings
 ) -> None:
     """Log a warning or raise, as ``MIGRATION_ON_CHECKSUM_MISMATCH`` sets, for edited revisions."""
-    findings = checksum_findings(connection, ledger, heads, settings.on_checksum_mismatch)
+    report_checksums(checksum_findings(connection, ledger, heads, settings.on_checksum_mismatch))
+
+
+def report_checksums(findings: list[Finding]) -> None:
+    """Log the checksum findings that are warnings and raise for those that are errors."""
     report = PreflightReport(tuple(findings))
     if findings:
         log_report(report)

@@ -412,8 +412,12 @@ def check_before_upgrade(
     version_table: VersionTable,
     target: str | None,
     on_unknown_revision: str,
+    more_findings: Sequence[Finding] = (),
 ) -> bool:
     """Run the checks before an upgrade; return False when the upgrade must migrate nothing.
+
+    ``more_findings`` come from checks made elsewhere, such as the ledger's
+    checksums, and are logged and raised in the same report.
 
     :raises DatabaseAheadError: the database contains an unknown revision and
         ``on_unknown_revision`` is ``fail``.
@@ -427,6 +431,7 @@ def check_before_upgrade(
         target=target,
         on_unknown_revision=on_unknown_revision,
     )
+    report = PreflightReport(report.findings + tuple(more_findings))
     log_report(report)
     report.raise_for_errors()
     if report.skip_upgrade:

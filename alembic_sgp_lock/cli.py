@@ -20,6 +20,7 @@ from alembic.config import CommandLine, Config
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 from ._commands import (
     OUTPUT_FORMATS,
@@ -27,15 +28,17 @@ from ._commands import (
     _Options,
     accept_checksum,
     clear_half_applied_command,
+    connect_failure,
     ledger,
     lock_status,
     preflight,
 )
 from ._errors import MigrationLockError
 from ._exit_codes import exit_code_for
+from ._ledger import Ledger, checksum_findings
 from ._lock import hold_lock
 from ._log import logger
-from ._preflight import check_before_upgrade
+from ._preflight import Finding, check_before_upgrade
 from ._retry import Attempt, run_with_retries
 from ._settings import Settings
 from ._state import format_heads, read_heads
@@ -158,22 +161,35 @@ class SgpCommandLine(CommandLine):
             # NOTE: without a URL only an env.py that calls run_migrations() locks.
             logger.warning(
                 "No database URL for alembic-sgp-lock's own lock; running %s without it. "
-                "Pass --database-url or set sqlalchemy.url so the command locks even when "
-                "env.py does not call alembic_sgp_lock.run_migrations()",
+                "Pass --database-url, set MIGRATION_DATABASE_URL or set sqlalchemy.url so "
+                "the command locks even when env.py does not call "
+                "alembic_sgp_lock.run_migrations()",
                 command,
             )
             self._call(config, options)
             return
 
+        connected = False
+
         def attempt_command(attempt: Attempt) -> None:
+            nonlocal connected
+            connected = False
             with _connect(own, explain_failure=False) as connection:
+                connected = True
                 try:
                     self._run_under_lock(config, options, connection, own, settings, attempt)
                 except BaseException:
                     connection.invalidate()
                     raise
 
-        run_with_retries(attempt_command, settings)
+        try:
+            run_with_retries(attempt_command, settings)
+        except DBAPIError as error:
+            # A permanent failure to connect, such as a database that does not
+            # exist, is not retried; explain it like the other commands do.
+            if connected:
+                raise
+            raise connect_failure(own, error) from error
 
     def _run_under_lock(
         self,
@@ -208,13 +224,15 @@ class SgpCommandLine(CommandLine):
         ):
             if command == "upgrade":
                 rows = read_heads(connection, own.version_table.name, own.version_table.schema)
+                script = ScriptDirectory.from_config(config)
                 if not check_before_upgrade(
                     connection,
-                    ScriptDirectory.from_config(config),
+                    script,
                     rows,
                     version_table=own.version_table,
                     target=getattr(options, "revision", None),
                     on_unknown_revision=settings.on_unknown_revision,
+                    more_findings=_checksum_drift(connection, script, rows, own, settings),
                 ):
                     return
             # Retries cover connecting, locking and the checks. Once Alembic's
@@ -222,6 +240,20 @@ class SgpCommandLine(CommandLine):
             attempt.migrations_started = True
             attempt.transactional_ddl = False
             self._call(config, options)
+
+
+def _checksum_drift(
+    connection: Connection,
+    script: ScriptDirectory,
+    rows: tuple[str, ...],
+    own: _Options,
+    settings: Settings,
+) -> list[Finding]:
+    """Return the ledger's checksum findings, or none when the ledger is off."""
+    if not settings.ledger:
+        return []
+    book = Ledger(settings.ledger_table, own.version_table.schema, script)
+    return checksum_findings(connection, book, rows, settings.on_checksum_mismatch)
 
 
 def _heads_if_at_target(

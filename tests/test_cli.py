@@ -227,6 +227,9 @@ def test_missing_database_fails_at_once(tmp_path: Path, pg_url: str) -> None:
     assert upgraded.returncode == 1, upgraded.output
     assert 'database "sgp_no_such_database" does not exist' in upgraded.stderr
     assert "retrying" not in upgraded.output
+    assert "FAILED: Could not connect to postgresql+psycopg2://" in upgraded.stderr
+    assert "MIGRATION_DATABASE_URL" in upgraded.stderr
+    assert "Traceback" not in upgraded.stderr
     assert checked.returncode == 1, checked.output
     assert "FAILED: Could not connect to postgresql+psycopg2://" in checked.stderr
     assert "Traceback" not in checked.stderr

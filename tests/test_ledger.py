@@ -146,6 +146,30 @@ def test_real_edit_fails_when_policy_fail(tmp_path: Path, database_url: str) -> 
     assert "the ledger recorded sha256:" in finished.output
     assert "the file is now sha256:" in finished.output
     assert f"accept-checksum {EXAMPLE_REVISIONS[0]}" in finished.output
+    assert "Pre-flight checks passed" not in finished.output
+    assert read_state(database_url).versions == [EXAMPLE_REVISIONS[1]]
+    assert ledger_rows(database_url) == rows_before
+
+
+def test_command_checks_checksums_under_lock(tmp_path: Path, database_url: str) -> None:
+    project = make_project(tmp_path, database_url)
+    assert project.run("upgrade", EXAMPLE_REVISIONS[1], MIGRATION_LEDGER="true").returncode == 0
+    edit_first_revision(project)
+    rows_before = ledger_rows(database_url)
+
+    finished = run_cli(
+        project,
+        "upgrade",
+        "head",
+        MIGRATION_LEDGER="true",
+        MIGRATION_ON_CHECKSUM_MISMATCH="fail",
+    )
+
+    assert finished.returncode == 6, finished.output
+    assert f"[checksum-mismatch] Revision {EXAMPLE_REVISIONS[0]} (" in finished.stderr
+    assert "Pre-flight checks passed" not in finished.output
+    # The command's own checks under its lock stop it before Alembic runs env.py.
+    assert "is already held by this process" not in finished.output
     assert read_state(database_url).versions == [EXAMPLE_REVISIONS[1]]
     assert ledger_rows(database_url) == rows_before
 
