@@ -135,7 +135,7 @@ def _write(config: Config, text: str) -> None:
     config.stdout.flush()
 
 
-# Where the command's own URL comes from, in order of precedence.
+# The sources of the command's own URL, in order of precedence.
 URL_SOURCES = (
     "pass the URL with --database-url, set MIGRATION_DATABASE_URL, or set sqlalchemy.url "
     "in the ini section"

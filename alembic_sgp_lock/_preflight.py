@@ -7,6 +7,7 @@ fail halfway or do harm is reported with its fix instead.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -14,7 +15,8 @@ from typing import Any
 
 import sqlalchemy as sa
 from alembic.script import ScriptDirectory
-from alembic.util import to_tuple
+from alembic.script.revision import ResolutionError
+from alembic.util import CommandError, to_tuple
 from sqlalchemy.engine import Connection, Inspector
 
 from ._errors import MigrationLockError
@@ -31,6 +33,10 @@ MULTIPLE_HEADS = "multiple-heads"
 DUPLICATE_VERSION_ROWS = "duplicate-version-rows"
 ANCESTOR_VERSION_ROWS = "ancestor-version-rows"
 HALF_APPLIED_REVISION = "half-applied-revision"
+UNKNOWN_TARGET = "unknown-target"
+# A relative target (+2, -1, ae10+2) depends on the current revision, so it is
+# not looked up in the scripts.
+RELATIVE_TARGET = re.compile(r"^[-+]\d+$|^\w+[-+]\d+$")
 
 # At most this many table names are listed in a message.
 LISTED_TABLES_MAX = 10
@@ -149,9 +155,29 @@ def run_checks(
         findings = list(_table_findings(connection, inspector, script, version_table))
         transaction.rollback()
     findings.extend(_row_findings(script, rows, on_unknown_revision))
+    if target is not None:
+        findings.extend(_target_findings(script, target))
     if target == "head":
         findings.extend(_heads_findings(script))
     return PreflightReport(tuple(findings))
+
+
+def _target_findings(script: ScriptDirectory, target: str) -> Iterator[Finding]:
+    if target in ("head", "heads", "base") or RELATIVE_TARGET.match(target):
+        return
+    try:
+        script.get_revisions(target)
+    except (CommandError, ResolutionError) as error:
+        yield Finding(
+            code=UNKNOWN_TARGET,
+            severity=ERROR,
+            message=f"The target revision {target!r} is not in the migration scripts: {error}",
+            fix=(
+                "pass a revision id that `alembic history` lists, a branch label with "
+                "@head, or head"
+            ),
+            revisions=(target,),
+        )
 
 
 def _table_findings(

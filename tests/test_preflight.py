@@ -322,6 +322,35 @@ def test_branch_label_target_passes(tmp_path: Path, db_url: str) -> None:
     assert read_state(db_url).versions == [BRANCH_A]
 
 
+@pytest.mark.parametrize("target", ["nosuchrev", "nosuchlabel@head"])
+def test_unknown_target_rejected(tmp_path: Path, db_url: str, target: str) -> None:
+    project = make_project(tmp_path, db_url)
+    assert project.run("upgrade", EXAMPLE_REVISIONS[0]).returncode == 0
+    before = snapshot(db_url)
+
+    checked = run_cli(project, "preflight", "--target", target, "--format", "json")
+    upgraded = run_cli(project, "upgrade", target)
+
+    assert checked.returncode == 6, checked.output
+    (finding,) = json.loads(checked.stdout)["findings"]
+    assert finding["code"] == "unknown-target"
+    assert target in finding["message"]
+    assert upgraded.returncode == 6, upgraded.output
+    assert "[unknown-target]" in upgraded.stderr
+    assert snapshot(db_url) == before
+
+
+@pytest.mark.parametrize("target", ["+1", f"{EXAMPLE_REVISIONS[0][:4]}+1", "base"])
+def test_relative_and_base_targets_pass(tmp_path: Path, db_url: str, target: str) -> None:
+    project = make_project(tmp_path, db_url)
+    assert project.run("upgrade", EXAMPLE_REVISIONS[0]).returncode == 0
+
+    checked = run_cli(project, "preflight", "--target", target)
+
+    assert checked.returncode == 0, checked.output
+    assert "unknown-target" not in checked.output
+
+
 @pytest.mark.postgresql
 def test_configured_version_table_and_schema(tmp_path: Path, pg_url: str) -> None:
     project = make_project(tmp_path, pg_url)
