@@ -9,6 +9,7 @@ by this process, so it neither locks twice nor waits for itself.
 
 from __future__ import annotations
 
+import json
 import logging.config
 import os
 import sys
@@ -133,9 +134,15 @@ class SgpCommandLine(CommandLine):
         except CommandError as error:
             if options.raiseerr:
                 raise
+            status = int(exit_code_for(error))
+            if getattr(options, "output_format", "text") == "json":
+                # A pipeline that parses standard output still gets one document.
+                failure = {"ok": False, "exit_code": status, "error": str(error)}
+                config.stdout.write(json.dumps(failure, indent=2) + "\n")
+                config.stdout.flush()
             sys.stderr.write(f"FAILED: {error}\n")
             sys.stderr.flush()
-            raise SystemExit(int(exit_code_for(error))) from error
+            raise SystemExit(status) from error
 
     @staticmethod
     def _call(config: Config, options: Namespace) -> None:

@@ -258,6 +258,32 @@ def test_invalid_setting_exit_code(tmp_path: Path, sqlite_url: str) -> None:
     assert read_state(sqlite_url).tables == set()
 
 
+@pytest.mark.parametrize("command", ["preflight", "lock-status", "ledger"])
+def test_json_output_on_failure(tmp_path: Path, sqlite_url: str, command: str) -> None:
+    project = make_project(tmp_path, sqlite_url)
+
+    invalid = run_cli(project, command, "--format", "json", MIGRATION_LOCK_TIMEOUT="ten")
+    unreachable = run_cli(
+        project,
+        "--database-url",
+        f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/test",
+        command,
+        "--format",
+        "json",
+    )
+
+    assert invalid.returncode == 3, invalid.output
+    document = json.loads(invalid.stdout)
+    assert document["ok"] is False
+    assert document["exit_code"] == 3
+    assert "MIGRATION_LOCK_TIMEOUT='ten' is invalid" in document["error"]
+    assert unreachable.returncode == 1, unreachable.output
+    document = json.loads(unreachable.stdout)
+    assert document["exit_code"] == 1
+    assert document["error"].startswith("Could not connect to postgresql+psycopg2://")
+    assert read_state(sqlite_url).tables == set()
+
+
 def test_unusable_url_exit_code(tmp_path: Path, sqlite_url: str) -> None:
     project = make_project(tmp_path, sqlite_url)
 
