@@ -223,9 +223,9 @@ class MigrationInterruptedError(MigrationLockError):
         self.signal_name = signal_name
         self.signal_number = signal_number
         super().__init__(
-            f"Stopped by {signal_name}: the migration lock was released, and a revision "
-            "that was running was rolled back unless it had already committed. "
-            "Run the upgrade again to finish."
+            f"Stopped by {signal_name}. If this process held the migration lock, it was "
+            "released, and a revision that was running was rolled back unless it had "
+            "already committed. Run the upgrade again to finish."
         )
 
 

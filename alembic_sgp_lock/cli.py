@@ -42,6 +42,7 @@ from ._log import logger
 from ._preflight import Finding, check_before_upgrade
 from ._retry import Attempt, run_with_retries
 from ._settings import Settings
+from ._signals import stop_on_signals
 from ._state import format_heads, read_heads
 
 # Alembic commands that write the version table, and so run under the lock.
@@ -190,7 +191,8 @@ class SgpCommandLine(CommandLine):
                     raise
 
         try:
-            run_with_retries(attempt_command, settings)
+            with stop_on_signals():
+                run_with_retries(attempt_command, settings)
         except DBAPIError as error:
             # A permanent failure to connect, such as a database that does not
             # exist, is not retried; explain it like the other commands do.

@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from alembic_sgp_lock._session import CLIENT_CHECK_INTERVAL_MS
+from tests.cli_support import PLAIN_ENV, start_cli, use_env
 from tests.support import EXAMPLE_HEAD, make_project, postgres_lock_key, read_state
 
 pytestmark = pytest.mark.postgresql
@@ -83,15 +84,24 @@ def test_killed_holder_in_long_statement_frees_lock(tmp_path: Path, pg_url: str)
     assert "long_step" not in read_state(pg_url).tables
 
 
+@pytest.mark.parametrize("through", ["alembic", "alembic-sgp-lock"])
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
-def test_signal_while_waiting_for_lock(tmp_path: Path, pg_url: str, stop_signal: int) -> None:
+def test_signal_while_waiting_for_lock(
+    tmp_path: Path, pg_url: str, stop_signal: int, through: str
+) -> None:
     project = make_project(tmp_path, pg_url)
+    if through == "alembic-sgp-lock":
+        # Without the hook, so that the command's own lock is the one waiting.
+        use_env(project, PLAIN_ENV)
     engine = sa.create_engine(pg_url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
     blocker = engine.connect()
     blocker.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": postgres_lock_key()})
     blocker_pid = blocker.execute(sa.text("SELECT pg_backend_pid()")).scalar()
     try:
-        waiter = project.start("upgrade", "head", MIGRATION_LOCK_TIMEOUT="60")
+        if through == "alembic":
+            waiter = project.start("upgrade", "head", MIGRATION_LOCK_TIMEOUT="60")
+        else:
+            waiter = start_cli(project, "upgrade", "head", MIGRATION_LOCK_TIMEOUT="60")
         wait_for_session(pg_url, f"pid <> {blocker_pid}")
         # Let it reach the wait loop, past reading the version table.
         time.sleep(1.5)
