@@ -40,6 +40,12 @@ BASELINE = "baseline"
 ACCEPT = "accept"
 # Rows whose checksum states what the applied file contained.
 CHECKSUM_SOURCES = (UPGRADE, BASELINE, ACCEPT)
+# How a drift message names the event that recorded the checksum.
+RECORDED_BY_WORDS = {
+    UPGRADE: "applied",
+    BASELINE: "recorded as a baseline",
+    ACCEPT: "accepted",
+}
 
 
 def utc_now() -> datetime:
@@ -80,6 +86,8 @@ class ChecksumDrift:
     applied_at: datetime | None
     recorded_checksum: str
     current_checksum: str
+    #: Direction of the ledger row that recorded the checksum: upgrade, baseline or accept.
+    recorded_by: str = UPGRADE
 
 
 def _session_identity(connection: Connection) -> tuple[str | None, str | None]:
@@ -210,7 +218,12 @@ class Ledger:
             if not self.exists(connection):
                 return []
             rows = connection.execute(
-                sa.select(self.table.c.revision, self.table.c.checksum, self.table.c.finished_at)
+                sa.select(
+                    self.table.c.revision,
+                    self.table.c.checksum,
+                    self.table.c.finished_at,
+                    self.table.c.direction,
+                )
                 .where(self.table.c.direction.in_(CHECKSUM_SOURCES))
                 .order_by(self.table.c.id)
             ).all()
@@ -224,7 +237,12 @@ class Ledger:
             if current != row.checksum:
                 drift.append(
                     ChecksumDrift(
-                        script.revision, script.path, row.finished_at, row.checksum, current
+                        script.revision,
+                        script.path,
+                        row.finished_at,
+                        row.checksum,
+                        current,
+                        row.direction,
                     )
                 )
         return drift
@@ -278,12 +296,13 @@ def checksum_findings(
     findings = []
     for item in ledger.checksum_drift(connection, heads):
         applied = item.applied_at.isoformat(sep=" ") + " UTC" if item.applied_at else "unknown"
+        event = RECORDED_BY_WORDS.get(item.recorded_by, "applied")
         findings.append(
             Finding(
                 code=CHECKSUM_MISMATCH,
                 severity=ERROR if policy == "fail" else WARNING,
                 message=(
-                    f"Revision {item.revision} ({item.path}) changed after it was applied at "
+                    f"Revision {item.revision} ({item.path}) changed after it was {event} at "
                     f"{applied}: the ledger recorded {item.recorded_checksum}, the file is now "
                     f"{item.current_checksum}."
                 ),

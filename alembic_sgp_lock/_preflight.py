@@ -334,9 +334,14 @@ def _row_findings(
                 + (" MIGRATION_ON_UNKNOWN_REVISION=skip: migrating nothing." if skip else "")
             ),
             fix=(
-                "deploy the code that contains these revisions, or set "
-                "MIGRATION_ON_UNKNOWN_REVISION=skip to let this version start without "
-                "migrating; `alembic downgrade` must run from the newer code"
+                "deploy the code that contains these revisions"
+                + (
+                    ""
+                    if skip
+                    else ", or set MIGRATION_ON_UNKNOWN_REVISION=skip to let this version "
+                    "start without migrating"
+                )
+                + "; `alembic downgrade` must run from the newer code"
             ),
             revisions=tuple(unknown),
         )

@@ -263,6 +263,21 @@ def test_accept_checksum_clears_drift(tmp_path: Path, database_url: str) -> None
     assert read_state(database_url).versions == [EXAMPLE_HEAD]
 
 
+def test_drift_after_accept_names_accept(tmp_path: Path, database_url: str) -> None:
+    project = make_project(tmp_path, database_url)
+    assert project.run("upgrade", EXAMPLE_REVISIONS[1], MIGRATION_LEDGER="true").returncode == 0
+    edit_first_revision(project)
+    assert run_cli(project, "accept-checksum", EXAMPLE_REVISIONS[0]).returncode == 0
+    path = revision_file(project, EXAMPLE_REVISIONS[0])
+    path.write_text(path.read_text().replace("sa.String(200)", "sa.String(300)"))
+
+    checked = run_cli(project, "preflight", MIGRATION_LEDGER="true")
+
+    assert checked.returncode == 0, checked.output
+    assert "changed after it was accepted at" in checked.stdout
+    assert "changed after it was applied at" not in checked.stdout
+
+
 def test_accept_checksum_unknown_revision(tmp_path: Path, sqlite_url: str) -> None:
     project = make_project(tmp_path, sqlite_url)
 

@@ -258,6 +258,7 @@ def test_unknown_revision_skip_succeeds(tmp_path: Path, db_url: str) -> None:
     assert report.returncode == 0, report.output
     findings = json.loads(report.stdout)["findings"]
     assert [(f["code"], f["severity"]) for f in findings] == [("database-ahead", "warning")]
+    assert "MIGRATION_ON_UNKNOWN_REVISION=skip" not in findings[0]["fix"]
     assert snapshot(db_url) == before
 
 
