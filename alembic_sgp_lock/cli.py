@@ -214,7 +214,8 @@ class SgpCommandLine(CommandLine):
             heads = _heads_if_at_target(config, options, connection, own)
             if heads is not None:
                 logger.info(
-                    "Database is already at %s; nothing to migrate, lock not taken",
+                    "Database is already at %s; running Alembic's command without the "
+                    "command's own lock",
                     format_heads(heads),
                 )
                 attempt.migrations_started = True
