@@ -39,10 +39,11 @@ INT64_MAX = 2**63 - 1
 
 # PostgreSQL truncates application_name to 63 bytes (NAMEDATALEN - 1) and
 # keeps it ASCII, so a tagged name keeps at most this many characters of the
-# original: 63 minus the tag, " [alembic-sgp-lock since <10-digit epoch>]".
+# original: 63 minus the tag, " [alembic-sgp-lock since <epoch to 0.1 s>]".
+# Tags of older releases carry whole seconds, which HOLDER_TAG also reads.
 APPLICATION_NAME_MAX_BYTES = 63
-TAGGED_PREFIX_MAX = APPLICATION_NAME_MAX_BYTES - len(" [alembic-sgp-lock since 1234567890]")
-HOLDER_TAG = re.compile(r"\s*\[alembic-sgp-lock since (\d+)\]$")
+TAGGED_PREFIX_MAX = APPLICATION_NAME_MAX_BYTES - len(" [alembic-sgp-lock since 1234567890.1]")
+HOLDER_TAG = re.compile(r"\s*\[alembic-sgp-lock since (\d+(?:\.\d+)?)\]$")
 
 # Without a notification a waiter polls at a random interval in this range
 # (seconds). With LISTEN it waits up to the upper bound for a notification and
@@ -128,7 +129,8 @@ class PostgresAdvisoryLock:
                     "CAST(:queue AS integer), CAST(:ticket AS integer)) END "
                     "FROM (SELECT pg_try_advisory_lock(:key) AS acquired, "
                     "current_setting('application_name') AS original, "
-                    "floor(extract(epoch FROM clock_timestamp()))::bigint AS since) AS attempt"
+                    "round(extract(epoch FROM clock_timestamp())::numeric, 1) AS since) "
+                    "AS attempt"
                 ),
                 {
                     "key": self.key,
@@ -274,7 +276,7 @@ class PostgresAdvisoryLock:
         if application_name:
             match = HOLDER_TAG.search(application_name)
             if match:
-                held_seconds = max(0.0, float(now_epoch) - int(match.group(1)))
+                held_seconds = max(0.0, float(now_epoch) - float(match.group(1)))
                 application_name = application_name[: match.start()]
         client = None
         if client_host is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from alembic_sgp_lock import Settings, migration_lock
 from tests.cli_support import PLAIN_ENV, run_cli, start_cli, use_env
 from tests.support import EXAMPLE_HEAD, EXAMPLE_REVISIONS, Project, make_project, read_state
 from tests.tcp_forwarder import free_port
@@ -134,6 +135,24 @@ def test_lock_status_shows_migration_since(tmp_path: Path, pg_url: str) -> None:
     assert isinstance(holder, dict)
     assert holder["since"] is not None
     assert holder["held_seconds"] is not None
+
+
+@pytest.mark.postgresql
+def test_lock_status_held_seconds_precise(tmp_path: Path, pg_url: str) -> None:
+    project = make_project(tmp_path, pg_url)
+    engine = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            started = time.monotonic()
+            with migration_lock(connection, settings=Settings.from_env({})):
+                status = json.loads(run_cli(project, "lock-status", "--format", "json").stdout)
+                elapsed = time.monotonic() - started
+    finally:
+        engine.dispose()
+
+    assert status["held"] is True
+    # The tag keeps tenths of a second, so the report is never a whole second high.
+    assert 0 <= status["holder"]["held_seconds"] <= elapsed + 0.1
 
 
 def test_lock_status_sqlite_holder(tmp_path: Path, sqlite_url: str) -> None:
