@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -175,6 +176,26 @@ def test_lock_timeout_exit_code(tmp_path: Path, pg_url: str) -> None:
 
 
 @pytest.mark.postgresql
+def test_zero_lock_timeout_exit_code(tmp_path: Path, pg_url: str) -> None:
+    project = make_project(tmp_path, pg_url)
+    engine, blocker = hold_lock(pg_url, "blocker-app")
+    try:
+        finished = run_cli(
+            project, "upgrade", "head", MIGRATION_LOCK_TIMEOUT="0", MIGRATION_MAX_RETRIES="0"
+        )
+    finally:
+        blocker.close()
+        engine.dispose()
+
+    assert finished.returncode == 4, finished.output
+    assert "FAILED: The migration lock postgresql advisory lock" in finished.stderr
+    assert "this attempt did not wait for it because its timeout was 0 s" in finished.stderr
+    assert "Waiting for" not in finished.stderr
+    assert "application 'blocker-app'" in finished.stderr
+    assert read_state(pg_url).tables == set()
+
+
+@pytest.mark.postgresql
 def test_lock_timeout_after_retries_exit_code(tmp_path: Path, pg_url: str) -> None:
     project = make_project(tmp_path, pg_url)
     engine, blocker = hold_lock(pg_url, "blocker-app")
@@ -193,7 +214,12 @@ def test_lock_timeout_after_retries_exit_code(tmp_path: Path, pg_url: str) -> No
 
     assert finished.returncode == 4, finished.output
     assert "FAILED: Migration failed after 2 attempt(s)" in finished.stderr
-    assert "last error: LockTimeoutError: Timed out after 1.0 s" in finished.stderr
+    # Both attempts waited their 1 s, and the message gives the sum.
+    total = re.search(
+        r"last error: LockTimeoutError: Timed out after ([0-9.]+) s in total", finished.stderr
+    )
+    assert total is not None, finished.stderr
+    assert 2.0 <= float(total.group(1)) < 3.0
     assert "Another migration still holds the lock" in finished.stderr
     assert "reachable" not in finished.stderr
     assert read_state(pg_url).tables == set()
