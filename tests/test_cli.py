@@ -66,6 +66,31 @@ def test_lock_status_names_postgres_holder(tmp_path: Path, pg_url: str) -> None:
     }
 
 
+@pytest.mark.postgresql
+def test_lock_status_multiline_statement(tmp_path: Path, pg_url: str) -> None:
+    project = make_project(tmp_path, pg_url)
+    engine, blocker = hold_lock(pg_url, "blocker-app")
+    statement = "SELECT 'deploy step 7',\n       2\r\n\tFROM pg_catalog.pg_class LIMIT 1"
+    try:
+        blocker.execute(sa.text(statement))
+        as_json = run_cli(project, "lock-status", "--format", "json")
+        as_text = run_cli(project, "lock-status")
+    finally:
+        blocker.close()
+        engine.dispose()
+
+    assert as_json.returncode == 0, as_json.output
+    assert json.loads(as_json.stdout)["holder"]["statement"] == statement
+    assert as_text.returncode == 0, as_text.output
+    lines = as_text.stdout.splitlines()
+    assert lines[0].startswith("The migration lock is held: ")
+    for line in lines[1:]:
+        assert line.startswith("  "), as_text.stdout
+    assert "  statement: SELECT 'deploy step 7', 2 FROM pg_catalog.pg_class LIMIT 1" in lines, (
+        as_text.stdout
+    )
+
+
 def queued_waiters(project: Project) -> list[dict[str, object]]:
     status = run_cli(project, "lock-status", "--format", "json")
     assert status.returncode == 0, status.output
