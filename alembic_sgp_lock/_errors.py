@@ -7,6 +7,7 @@ instead of a traceback.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -78,16 +79,60 @@ class UnsupportedDialectError(MigrationLockError):
 class LockTimeoutError(MigrationLockError, TimeoutError):
     """The migration lock was not acquired within the allowed time."""
 
-    def __init__(self, lock_name: str, waited_seconds: float, holder: LockHolder | None) -> None:
+    def __init__(
+        self,
+        lock_name: str,
+        waited_seconds: float,
+        holder: LockHolder | None,
+        *,
+        timeout_seconds: float | None = None,
+    ) -> None:
         self.lock_name = lock_name
         self.waited_seconds = waited_seconds
         self.holder = holder
-        held_by = str(holder) if holder is not None else "a session that has since released it"
+        #: Seconds the attempt allowed for the wait, where known. At 0 it tried
+        #: the lock once and did not wait.
+        self.timeout_seconds = timeout_seconds
+        if timeout_seconds == 0:
+            summary = _not_waited(
+                lock_name, holder, "this attempt did not wait for it because its timeout was 0 s"
+            )
+        else:
+            summary = _timed_out(lock_name, holder, f"{waited_seconds:.1f} s")
         super().__init__(
-            f"Timed out after {waited_seconds:.1f} s waiting for the migration lock "
-            f"{lock_name}, held by {held_by}. Wait for that migration to finish, "
+            f"{summary}. Wait for that migration to finish, "
             "or raise MIGRATION_LOCK_TIMEOUT and MIGRATION_MAX_WAIT_TIME."
         )
+
+
+def _held_by(holder: LockHolder | None) -> str:
+    return str(holder) if holder is not None else "a session that has since released it"
+
+
+def _timed_out(lock_name: str, holder: LockHolder | None, waited: str) -> str:
+    return (
+        f"Timed out after {waited} waiting for the migration lock {lock_name}, "
+        f"held by {_held_by(holder)}"
+    )
+
+
+def _not_waited(lock_name: str, holder: LockHolder | None, outcome: str) -> str:
+    return f"The migration lock {lock_name} was held by {_held_by(holder)}, and {outcome}"
+
+
+def _lock_timeouts_summary(lock_timeouts: Sequence[LockTimeoutError]) -> str:
+    """Describe the lock waits of all attempts, naming the holder seen by the last one.
+
+    The last attempt alone can mislead, because its wait is cut to the time
+    left of MIGRATION_MAX_WAIT_TIME, which may be none.
+    """
+    last = lock_timeouts[-1]
+    if all(error.timeout_seconds == 0 for error in lock_timeouts):
+        return _not_waited(
+            last.lock_name, last.holder, "no attempt waited for it because each timeout was 0 s"
+        )
+    total = sum(error.waited_seconds for error in lock_timeouts)
+    return _timed_out(last.lock_name, last.holder, f"{total:.1f} s in total")
 
 
 class LockReleaseError(MigrationLockError):
@@ -105,12 +150,26 @@ class LockReleaseError(MigrationLockError):
 class RetriesExhaustedError(MigrationLockError):
     """Every allowed attempt failed with a transient error."""
 
-    def __init__(self, attempts: int, elapsed_seconds: float, last_error: BaseException) -> None:
+    def __init__(
+        self,
+        attempts: int,
+        elapsed_seconds: float,
+        last_error: BaseException,
+        lock_timeouts: Sequence[LockTimeoutError] = (),
+    ) -> None:
+        """Build the message from the last error.
+
+        :param lock_timeouts: the lock timeouts of all attempts, in order. When
+            the last error is one, the message gives their total wait.
+        """
         self.attempts = attempts
         self.elapsed_seconds = elapsed_seconds
         self.last_error = last_error
+        #: Seconds that the attempts waited for the migration lock in total.
+        self.lock_wait_seconds = sum(error.waited_seconds for error in lock_timeouts)
         summary = str(last_error).strip().splitlines()[0] if str(last_error).strip() else ""
         if isinstance(last_error, LockTimeoutError):
+            summary = _lock_timeouts_summary(lock_timeouts or [last_error])
             advice = (
                 "Another migration still holds the lock: wait for it to finish, or raise "
                 "MIGRATION_LOCK_TIMEOUT and MIGRATION_MAX_WAIT_TIME."
@@ -120,9 +179,11 @@ class RetriesExhaustedError(MigrationLockError):
                 "Check that the database is reachable, or raise MIGRATION_MAX_RETRIES and "
                 "MIGRATION_MAX_WAIT_TIME."
             )
+        #: The last error's type and first line, as the message and the log give it.
+        self.summary = f"{type(last_error).__name__}: {summary.rstrip('.')}"
         super().__init__(
             f"Migration failed after {attempts} attempt(s) in {elapsed_seconds:.1f} s; "
-            f"last error: {type(last_error).__name__}: {summary.rstrip('.')}. {advice}"
+            f"last error: {self.summary}. {advice}"
         )
 
 

@@ -42,13 +42,25 @@ def _acquire(backend: LockBackend, connection: Connection, timeout: float) -> No
             _log_acquired(backend, started)
             return
         holder = backend.holder(connection)
+        if timeout <= 0:
+            # MIGRATION_LOCK_TIMEOUT=0, or no time left of MIGRATION_MAX_WAIT_TIME.
+            logger.info(
+                "%s was held by %s; not waiting, because the timeout is 0 s",
+                backend.name,
+                holder or JUST_RELEASED,
+            )
+            raise LockTimeoutError(
+                backend.name, time.monotonic() - started, holder, timeout_seconds=0.0
+            )
         logger.info("Waiting for %s, held by %s", backend.name, holder or JUST_RELEASED)
         next_report = started + WAIT_REPORT_INTERVAL
         while True:
             now = time.monotonic()
             if now >= give_up_at:
                 holder = backend.holder(connection)
-                raise LockTimeoutError(backend.name, now - started, holder)
+                raise LockTimeoutError(
+                    backend.name, now - started, holder, timeout_seconds=timeout
+                )
             if now >= next_report:
                 holder = backend.holder(connection)
                 logger.info(

@@ -56,6 +56,7 @@ def process_lock(identity: Hashable, lock_name: str, timeout: float) -> Iterator
             lock_name,
             time.monotonic() - started,
             LockHolder(description="another thread of this process"),
+            timeout_seconds=max(timeout, 0.0),
         )
     owned.owner = me
     try:

@@ -119,6 +119,7 @@ def run_with_retries(run_attempt: Callable[[Attempt], None], settings: Settings)
     started = time.monotonic()
     deadline = started + settings.max_wait_time
     attempts: list[Attempt] = []
+    lock_timeouts: list[LockTimeoutError] = []
 
     def give_up(error: Exception) -> bool:
         return not may_retry(error, attempts[-1]) or time.monotonic() >= deadline
@@ -144,18 +145,23 @@ def run_with_retries(run_attempt: Callable[[Attempt], None], settings: Settings)
     def attempt_once() -> None:
         attempt = Attempt(number=len(attempts) + 1, deadline=deadline)
         attempts.append(attempt)
-        run_attempt(attempt)
+        try:
+            run_attempt(attempt)
+        except LockTimeoutError as error:
+            lock_timeouts.append(error)
+            raise
 
     try:
         attempt_once()
     except Exception as error:
         elapsed = time.monotonic() - started
         if len(attempts) > 1 and is_transient(error) and may_retry(error, attempts[-1]):
+            exhausted = RetriesExhaustedError(len(attempts), elapsed, error, lock_timeouts)
             logger.error(
                 "Giving up after %d attempt(s) in %.1f s: %s",
                 len(attempts),
                 elapsed,
-                _summary(error),
+                exhausted.summary,
             )
-            raise RetriesExhaustedError(len(attempts), elapsed, error) from error
+            raise exhausted from error
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -23,6 +24,12 @@ UNKNOWN_REVISION_POLICIES = ("fail", "skip")
 LOCK_MODES = ("session", "transaction")
 # PostgreSQL stores lock_timeout and statement_timeout as an int of milliseconds.
 SERVER_TIMEOUT_MAX_SECONDS = (2**31 - 1) // 1000
+# The exact forms of numbers, in ASCII digits only. Python's int() and float()
+# also accept surrounding whitespace, digits of other scripts (such as
+# full-width ones), signs, underscores, exponents and "inf", none of which the
+# README allows. A "\d" would match those digits too, so the classes are spelled out.
+WHOLE_NUMBER = re.compile(r"[0-9]+")
+DECIMAL_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -101,12 +108,29 @@ class Settings:
 
 def parse_boolean(name: str, raw: str) -> bool:
     """Parse ``raw`` with the one set of boolean spellings that every setting accepts."""
-    value = raw.strip().lower()
+    value = raw.lower()
     if value in TRUE_SPELLINGS:
         return True
     if value in FALSE_SPELLINGS:
         return False
-    raise InvalidSettingError(name, raw, BOOLEAN_HELP)
+    raise _invalid(name, raw, BOOLEAN_HELP)
+
+
+def _invalid(name: str, raw: str, accepted: str) -> InvalidSettingError:
+    """Build the error for ``raw``, naming any surrounding whitespace or non-ASCII character.
+
+    Both are easy to miss in the quoted value, such as a trailing space or a
+    full-width digit that looks like an ASCII one.
+    """
+    if raw != raw.strip():
+        accepted += "; remove the whitespace around the value"
+    foreign = next((character for character in raw if not character.isascii()), None)
+    if foreign is not None:
+        code_point = f"U+{ord(foreign):04X}"
+        name_of_character = unicodedata.name(foreign, "")
+        described = f"{code_point} {name_of_character}" if name_of_character else code_point
+        accepted += f"; use ASCII characters only, because the value contains {described}"
+    return InvalidSettingError(name, raw, accepted)
 
 
 def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -118,25 +142,26 @@ def _count(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name)
     if raw is None:
         return default
+    accepted = "use a whole number of 0 or more, such as 3"
+    if not WHOLE_NUMBER.fullmatch(raw):
+        raise _invalid(name, raw, accepted)
     try:
-        value = int(raw.strip())
+        return int(raw)
     except ValueError:
-        raise InvalidSettingError(
-            name, raw, "use a whole number of 0 or more, such as 3"
-        ) from None
-    if value < 0:
-        raise InvalidSettingError(name, raw, "use a whole number of 0 or more, such as 3")
-    return value
+        # More digits than int() converts by default (sys.get_int_max_str_digits(),
+        # 4300 since Python 3.11 and 3.10.7).
+        raise InvalidSettingError(name, raw, accepted) from None
 
 
 def _number(env: Mapping[str, str], name: str, accepted: str) -> float | None:
+    """Parse a number of 0 or more, such as 2.5, or return None when ``name`` is unset."""
     raw = env.get(name)
     if raw is None:
         return None
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        raise InvalidSettingError(name, raw, accepted) from None
+    if not DECIMAL_NUMBER.fullmatch(raw):
+        raise _invalid(name, raw, accepted)
+    value = float(raw)
+    # A number above about 1.8e308, which has 309 digits, overflows to inf.
     if not math.isfinite(value):
         raise InvalidSettingError(name, raw, accepted)
     return value
@@ -150,7 +175,7 @@ def _seconds(env: Mapping[str, str], name: str, default: float, *, allow_zero: b
     value = _number(env, name, accepted)
     if value is None:
         return default
-    if value < 0 or (value == 0 and not allow_zero):
+    if value == 0 and not allow_zero:
         raise InvalidSettingError(name, env[name], accepted)
     return value
 
@@ -160,8 +185,6 @@ def _milliseconds(env: Mapping[str, str], name: str, default_seconds: float) -> 
     value = _number(env, name, accepted)
     if value is None:
         return default_seconds
-    if value < 0:
-        raise InvalidSettingError(name, env[name], accepted)
     return value / 1000.0
 
 
@@ -207,7 +230,7 @@ def _server_timeout(env: Mapping[str, str], name: str) -> float | None:
         f"{SERVER_TIMEOUT_MAX_SECONDS}, such as 5, or 0 or off to switch it off"
     )
     raw = env.get(name)
-    if raw is None or raw.strip().lower() == "off":
+    if raw is None or raw.lower() == "off":
         return None
     value = _number(env, name, accepted)
     assert value is not None

@@ -52,7 +52,11 @@ class LockStatus:
         return {"lock": self.lock_name, "held": self.held, "holder": holder, "waiters": waiters}
 
     def describe(self) -> str:
-        """Return the status as one or more lines of text."""
+        """Return the status as lines of text, one line per field.
+
+        Whitespace runs in the values, such as the line breaks of a statement,
+        become single spaces. :meth:`as_dict` keeps the values unchanged.
+        """
         if not self.held:
             return "\n".join([f"The migration lock is free: {self.lock_name}", *self._queue()])
         lines = [f"The migration lock is held: {self.lock_name}"]
@@ -65,7 +69,9 @@ class LockStatus:
             ("statement", holder.statement),
             ("details", holder.description),
         ]
-        lines.extend(f"  {label}: {value}" for label, value in rows if value is not None)
+        lines.extend(
+            f"  {label}: {_one_line(value)}" for label, value in rows if value is not None
+        )
         if holder.held_seconds is not None:
             lines.append(f"  held for: {holder.held_seconds:.1f} s")
         lines.extend(self._queue())
@@ -79,6 +85,14 @@ class LockStatus:
             name = f" ({waiter.application_name})" if waiter.application_name else ""
             lines.append(f"  pid {waiter.pid}{name}: waiting {waiter.waiting_seconds:.1f} s")
         return lines
+
+
+def _one_line(value: object) -> str:
+    """Return ``value`` as text with each run of whitespace, line breaks included, as one space.
+
+    A multi-line statement would otherwise break the indented layout.
+    """
+    return " ".join(str(value).split())
 
 
 def _since(holder: LockHolder) -> str | None:

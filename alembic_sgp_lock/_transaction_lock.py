@@ -98,7 +98,9 @@ def migrate_in_one_transaction(
                 if sqlstate(error) != LOCK_NOT_AVAILABLE:
                     raise
                 holder = backend.holder(connection)
-                raise LockTimeoutError(name, time.monotonic() - started, holder) from error
+                raise LockTimeoutError(
+                    name, time.monotonic() - started, holder, timeout_seconds=timeout
+                ) from error
             raise translate_timeout(connection, settings, error) from error
     logger.info(
         "Released %s at commit after holding it %.2f s", name, time.monotonic() - held_since

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -64,6 +65,31 @@ def test_lock_status_names_postgres_holder(tmp_path: Path, pg_url: str) -> None:
         "holder": None,
         "waiters": [],
     }
+
+
+@pytest.mark.postgresql
+def test_lock_status_multiline_statement(tmp_path: Path, pg_url: str) -> None:
+    project = make_project(tmp_path, pg_url)
+    engine, blocker = hold_lock(pg_url, "blocker-app")
+    statement = "SELECT 'deploy step 7',\n       2\r\n\tFROM pg_catalog.pg_class LIMIT 1"
+    try:
+        blocker.execute(sa.text(statement))
+        as_json = run_cli(project, "lock-status", "--format", "json")
+        as_text = run_cli(project, "lock-status")
+    finally:
+        blocker.close()
+        engine.dispose()
+
+    assert as_json.returncode == 0, as_json.output
+    assert json.loads(as_json.stdout)["holder"]["statement"] == statement
+    assert as_text.returncode == 0, as_text.output
+    lines = as_text.stdout.splitlines()
+    assert lines[0].startswith("The migration lock is held: ")
+    for line in lines[1:]:
+        assert line.startswith("  "), as_text.stdout
+    assert "  statement: SELECT 'deploy step 7', 2 FROM pg_catalog.pg_class LIMIT 1" in lines, (
+        as_text.stdout
+    )
 
 
 def queued_waiters(project: Project) -> list[dict[str, object]]:
@@ -194,6 +220,26 @@ def test_lock_timeout_exit_code(tmp_path: Path, pg_url: str) -> None:
 
 
 @pytest.mark.postgresql
+def test_zero_lock_timeout_exit_code(tmp_path: Path, pg_url: str) -> None:
+    project = make_project(tmp_path, pg_url)
+    engine, blocker = hold_lock(pg_url, "blocker-app")
+    try:
+        finished = run_cli(
+            project, "upgrade", "head", MIGRATION_LOCK_TIMEOUT="0", MIGRATION_MAX_RETRIES="0"
+        )
+    finally:
+        blocker.close()
+        engine.dispose()
+
+    assert finished.returncode == 4, finished.output
+    assert "FAILED: The migration lock postgresql advisory lock" in finished.stderr
+    assert "this attempt did not wait for it because its timeout was 0 s" in finished.stderr
+    assert "Waiting for" not in finished.stderr
+    assert "application 'blocker-app'" in finished.stderr
+    assert read_state(pg_url).tables == set()
+
+
+@pytest.mark.postgresql
 def test_lock_timeout_after_retries_exit_code(tmp_path: Path, pg_url: str) -> None:
     project = make_project(tmp_path, pg_url)
     engine, blocker = hold_lock(pg_url, "blocker-app")
@@ -212,7 +258,12 @@ def test_lock_timeout_after_retries_exit_code(tmp_path: Path, pg_url: str) -> No
 
     assert finished.returncode == 4, finished.output
     assert "FAILED: Migration failed after 2 attempt(s)" in finished.stderr
-    assert "last error: LockTimeoutError: Timed out after 1.0 s" in finished.stderr
+    # Both attempts waited their 1 s, and the message gives the sum.
+    total = re.search(
+        r"last error: LockTimeoutError: Timed out after ([0-9.]+) s in total", finished.stderr
+    )
+    assert total is not None, finished.stderr
+    assert 2.0 <= float(total.group(1)) < 3.0
     assert "Another migration still holds the lock" in finished.stderr
     assert "reachable" not in finished.stderr
     assert read_state(pg_url).tables == set()

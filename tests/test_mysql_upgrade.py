@@ -164,6 +164,26 @@ def test_lock_timeout_names_holder(tmp_path: Path, mysql_url: str) -> None:
     assert read_state(mysql_url).tables == set()
 
 
+def test_zero_lock_timeout_does_not_wait(tmp_path: Path, mysql_url: str) -> None:
+    project = make_project(tmp_path, mysql_url)
+    engine, blocker, blocker_id = hold_mysql_lock(mysql_url)
+    try:
+        finished = project.run(
+            "upgrade", "head", MIGRATION_LOCK_TIMEOUT="0", MIGRATION_MAX_RETRIES="0"
+        )
+    finally:
+        blocker.close()
+        engine.dispose()
+
+    assert finished.returncode != 0
+    assert "Waiting for" not in finished.output
+    assert "Timed out" not in finished.output
+    assert f"was held by connection id {blocker_id}, client 127.0.0.1:" in finished.output
+    assert "; not waiting, because the timeout is 0 s" in finished.output
+    assert "this attempt did not wait for it because its timeout was 0 s" in finished.output
+    assert read_state(mysql_url).tables == set()
+
+
 def test_lock_released_hands_off_quickly(tmp_path: Path, mysql_url: str) -> None:
     project = make_project(tmp_path, mysql_url)
     engine, blocker, _ = hold_mysql_lock(mysql_url)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -157,6 +158,78 @@ def test_lock_timeout_names_holder(tmp_path: Path, pg_url: str) -> None:
     assert "Giving up after 2 attempt(s)" in finished.output
     # Two waits of 2 s and one short delay, plus interpreter start-up.
     assert 4 <= elapsed < 30
+    assert read_state(pg_url).tables == set()
+
+
+def test_lock_timeout_reports_total_wait(tmp_path: Path, pg_url: str) -> None:
+    project = make_project(tmp_path, pg_url)
+    engine, blocker = hold_lock(pg_url, "blocker-app")
+    try:
+        # A backoff of 10**6 s is cut to the end of MIGRATION_MAX_WAIT_TIME, so
+        # the second attempt starts with no time left for its wait.
+        finished = project.run(
+            "upgrade",
+            "head",
+            MIGRATION_LOCK_TIMEOUT="2",
+            MIGRATION_MAX_WAIT_TIME="3",
+            MIGRATION_MAX_RETRIES="3",
+            MIGRATION_RETRY_BACKOFF="1000000000",
+        )
+    finally:
+        blocker.close()
+        engine.dispose()
+
+    assert finished.returncode != 0
+    assert "(timeout 0.0 s)" in finished.output
+    assert "not waiting, because the timeout is 0 s" in finished.output
+    assert "after 0.0 s" not in finished.output
+    failed = re.search(
+        r"^FAILED: Migration failed after 2 attempt\(s\) in [0-9.]+ s; last error: "
+        r"LockTimeoutError: Timed out after ([0-9.]+) s in total waiting for the "
+        r"migration lock postgresql advisory lock .*$",
+        finished.output,
+        re.MULTILINE,
+    )
+    assert failed is not None, finished.output
+    assert 2.0 <= float(failed.group(1)) < 3.0
+    assert "application 'blocker-app'" in failed.group(0)
+    assert read_state(pg_url).tables == set()
+
+
+def test_zero_lock_timeout_does_not_wait(tmp_path: Path, pg_url: str) -> None:
+    project = make_project(tmp_path, pg_url)
+    engine, blocker = hold_lock(pg_url, "blocker-app")
+    blocker_pid = blocker.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+    try:
+        once = project.run(
+            "upgrade", "head", MIGRATION_LOCK_TIMEOUT="0", MIGRATION_MAX_RETRIES="0"
+        )
+        retried = project.run(
+            "upgrade",
+            "head",
+            MIGRATION_LOCK_TIMEOUT="0",
+            MIGRATION_MAX_RETRIES="2",
+            MIGRATION_RETRY_BACKOFF="10",
+        )
+    finally:
+        blocker.close()
+        engine.dispose()
+
+    assert once.returncode != 0
+    assert "Waiting for" not in once.output
+    assert "Timed out" not in once.output
+    assert (
+        f"was held by pid {blocker_pid}, application 'blocker-app', client 127.0.0.1:"
+        in once.output
+    )
+    assert "; not waiting, because the timeout is 0 s" in once.output
+    assert "this attempt did not wait for it because its timeout was 0 s" in once.output
+    assert retried.returncode != 0
+    assert "Waiting for" not in retried.output
+    assert "Timed out" not in retried.output
+    assert retried.output.count("not waiting, because the timeout is 0 s") == 3
+    assert "Migration failed after 3 attempt(s)" in retried.output
+    assert "no attempt waited for it because each timeout was 0 s" in retried.output
     assert read_state(pg_url).tables == set()
 
 

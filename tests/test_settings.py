@@ -10,6 +10,18 @@ from alembic_sgp_lock import InvalidSettingError, Settings
 from tests.support import REPO_ROOT
 
 
+def assert_rejected(variable: str, value: str, *expected: str) -> None:
+    with pytest.raises(InvalidSettingError) as raised:
+        Settings.from_env({variable: value})
+
+    error = raised.value
+    assert error.name == variable
+    assert error.value == value
+    assert str(error).startswith(f"{variable}={value!r} is invalid: ")
+    for text in expected:
+        assert text in str(error)
+
+
 def test_defaults_when_unset() -> None:
     settings = Settings.from_env({})
 
@@ -26,7 +38,7 @@ def test_valid_values() -> None:
     settings = Settings.from_env(
         {
             "RUN_MIGRATIONS": "No",
-            "MIGRATION_MAX_RETRIES": " 0 ",
+            "MIGRATION_MAX_RETRIES": "0",
             "MIGRATION_LOCK_TIMEOUT": "2.5",
             "MIGRATION_MAX_WAIT_TIME": "600",
             "MIGRATION_RETRY_BACKOFF": "250",
@@ -85,14 +97,105 @@ def test_boolean_false_spellings(spelling: str) -> None:
     ],
 )
 def test_invalid_value_names_variable(variable: str, value: str, accepted: str) -> None:
-    with pytest.raises(InvalidSettingError) as raised:
-        Settings.from_env({variable: value})
+    assert_rejected(variable, value, accepted)
 
-    error = raised.value
-    assert error.name == variable
-    assert error.value == value
-    assert str(error).startswith(f"{variable}={value!r} is invalid")
-    assert accepted in str(error)
+
+# Every setting parsed as a number, with part of its message. "10" is valid for each.
+NUMERIC_SETTINGS = [
+    ("MIGRATION_MAX_RETRIES", "whole number of 0 or more"),
+    ("MIGRATION_LOCK_TIMEOUT", "seconds of 0 or more"),
+    ("MIGRATION_MAX_WAIT_TIME", "greater than 0"),
+    ("MIGRATION_RETRY_BACKOFF", "milliseconds of 0 or more"),
+    ("MIGRATION_DDL_LOCK_TIMEOUT", "seconds from 0.001 to 2147483"),
+    ("MIGRATION_STATEMENT_TIMEOUT", "seconds from 0.001 to 2147483"),
+]
+BOOLEAN_SETTINGS = ["RUN_MIGRATIONS", "MIGRATION_LOCK", "MIGRATION_LEDGER"]
+
+
+@pytest.mark.parametrize(("variable", "accepted"), NUMERIC_SETTINGS)
+@pytest.mark.parametrize("padded", ["{} ", " {}", "{}\n", "\t{}\r"])
+def test_number_with_whitespace_rejected(variable: str, accepted: str, padded: str) -> None:
+    assert_rejected(
+        variable, padded.format("10"), accepted, "remove the whitespace around the value"
+    )
+
+
+@pytest.mark.parametrize(("variable", "accepted"), NUMERIC_SETTINGS)
+@pytest.mark.parametrize(
+    ("digits", "character"),
+    [
+        ("\uff11\uff10", "U+FF11 FULLWIDTH DIGIT ONE"),
+        ("\u0661\u0660", "U+0661 ARABIC-INDIC DIGIT ONE"),
+        ("1\u0966", "U+0966 DEVANAGARI DIGIT ZERO"),
+    ],
+)
+def test_number_with_non_ascii_digits_rejected(
+    variable: str, accepted: str, digits: str, character: str
+) -> None:
+    assert_rejected(
+        variable,
+        digits,
+        accepted,
+        f"ASCII characters only, because the value contains {character}",
+    )
+
+
+@pytest.mark.parametrize(("variable", "accepted"), NUMERIC_SETTINGS)
+@pytest.mark.parametrize("value", ["+10", "1_0", "1e1", "0x10", "1 0", "1,5", "Infinity"])
+def test_number_in_python_only_syntax_rejected(variable: str, accepted: str, value: str) -> None:
+    assert_rejected(variable, value, accepted)
+
+
+@pytest.mark.parametrize(("variable", "accepted"), NUMERIC_SETTINGS)
+def test_number_plain_form_accepted(variable: str, accepted: str) -> None:
+    assert Settings.from_env({variable: "10"}) != Settings()
+
+
+@pytest.mark.parametrize("value", ["0", "007", "10"])
+def test_whole_number_forms(value: str) -> None:
+    assert Settings.from_env({"MIGRATION_MAX_RETRIES": value}).max_retries == int(value)
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("2.5", 2.5), ("2.", 2.0), (".5", 0.5)])
+def test_decimal_number_forms(value: str, seconds: float) -> None:
+    assert Settings.from_env({"MIGRATION_LOCK_TIMEOUT": value}).lock_timeout == seconds
+
+
+def test_whole_number_too_long_rejected() -> None:
+    # Longer than int() converts by default, so it must not escape as a ValueError.
+    assert_rejected("MIGRATION_MAX_RETRIES", "1" * 5000, "whole number of 0 or more")
+
+
+def test_decimal_number_overflow_rejected() -> None:
+    assert_rejected("MIGRATION_LOCK_TIMEOUT", "9" * 400, "seconds of 0 or more")
+
+
+@pytest.mark.parametrize("variable", BOOLEAN_SETTINGS)
+@pytest.mark.parametrize("value", [" true", "false ", "on\n", "\t1"])
+def test_boolean_with_whitespace_rejected(variable: str, value: str) -> None:
+    assert_rejected(
+        variable, value, "use one of true, false", "remove the whitespace around the value"
+    )
+
+
+@pytest.mark.parametrize("variable", BOOLEAN_SETTINGS)
+@pytest.mark.parametrize(
+    ("value", "character"),
+    [
+        ("\uff54\uff52\uff55\uff45", "U+FF54 FULLWIDTH LATIN SMALL LETTER T"),
+        ("\uff11", "U+FF11 FULLWIDTH DIGIT ONE"),
+    ],
+)
+def test_boolean_with_non_ascii_rejected(variable: str, value: str, character: str) -> None:
+    assert_rejected(
+        variable, value, "use one of true, false", f"because the value contains {character}"
+    )
+
+
+@pytest.mark.parametrize("variable", ["MIGRATION_DDL_LOCK_TIMEOUT", "MIGRATION_STATEMENT_TIMEOUT"])
+@pytest.mark.parametrize("value", [" off", "off ", "\uff4f\uff46\uff46"])
+def test_server_timeout_off_exact_spelling(variable: str, value: str) -> None:
+    assert_rejected(variable, value, "or 0 or off to switch it off")
 
 
 def test_readme_defaults_match_code() -> None:
@@ -124,7 +227,7 @@ def test_production_settings_defaults() -> None:
 def test_production_settings_valid_values() -> None:
     settings = Settings.from_env(
         {
-            "MIGRATION_DDL_LOCK_TIMEOUT": " 2.5 ",
+            "MIGRATION_DDL_LOCK_TIMEOUT": "2.5",
             "MIGRATION_STATEMENT_TIMEOUT": "600",
             "MIGRATION_DATABASE_URL": " postgresql://app@db-direct:5432/app ",
             "MIGRATION_LOCK_MODE": "Transaction",
@@ -137,7 +240,7 @@ def test_production_settings_valid_values() -> None:
     assert settings.lock_mode == "transaction"
 
 
-@pytest.mark.parametrize("spelling", ["0", "off", "OFF", " 0.0 "])
+@pytest.mark.parametrize("spelling", ["0", "off", "OFF", "0.0"])
 def test_server_timeout_off_spellings(spelling: str) -> None:
     settings = Settings.from_env(
         {"MIGRATION_DDL_LOCK_TIMEOUT": spelling, "MIGRATION_STATEMENT_TIMEOUT": spelling}
@@ -166,14 +269,7 @@ def test_server_timeout_off_spellings(spelling: str) -> None:
     ],
 )
 def test_invalid_production_setting(variable: str, value: str, accepted: str) -> None:
-    with pytest.raises(InvalidSettingError) as raised:
-        Settings.from_env({variable: value})
-
-    error = raised.value
-    assert error.name == variable
-    assert error.value == value
-    assert str(error).startswith(f"{variable}={value!r} is invalid")
-    assert accepted in str(error)
+    assert_rejected(variable, value, accepted)
 
 
 def test_invalid_database_url_hides_password() -> None:

@@ -97,6 +97,28 @@ def test_lock_timeout_names_file_holder(tmp_path: Path, sqlite_url: str) -> None
     assert read_state(sqlite_url).tables == set()
 
 
+def test_zero_lock_timeout_does_not_wait(tmp_path: Path, sqlite_url: str) -> None:
+    project = make_project(tmp_path, sqlite_url)
+    descriptor = os.open(lock_file_of(sqlite_url), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    os.write(descriptor, json.dumps({"pid": 424242, "host": "blocker-host", "since": 0}).encode())
+    try:
+        finished = project.run(
+            "upgrade", "head", MIGRATION_LOCK_TIMEOUT="0", MIGRATION_MAX_RETRIES="0"
+        )
+    finally:
+        os.close(descriptor)
+
+    assert finished.returncode != 0
+    assert "Waiting for" not in finished.output
+    assert "Timed out" not in finished.output
+    assert "was held by pid 424242" in finished.output
+    assert "blocker-host" in finished.output
+    assert "; not waiting, because the timeout is 0 s" in finished.output
+    assert "this attempt did not wait for it because its timeout was 0 s" in finished.output
+    assert read_state(sqlite_url).tables == set()
+
+
 def test_lock_file_kept_after_release(tmp_path: Path, sqlite_url: str) -> None:
     project = make_project(tmp_path, sqlite_url)
 
