@@ -186,23 +186,43 @@ def test_zero_lock_timeout_does_not_wait(tmp_path: Path, mysql_url: str) -> None
 
 def test_lock_released_hands_off_quickly(tmp_path: Path, mysql_url: str) -> None:
     project = make_project(tmp_path, mysql_url)
-    engine, blocker, _ = hold_mysql_lock(mysql_url)
+    # The waiter then holds the lock for 2 s, long enough to be seen holding it.
+    project.add_revision("5e4f1c6d3b45", EXAMPLE_HEAD, "time.sleep(2)")
+    name = lock_name(database_name(mysql_url), "alembic_version", None)
+    engine, blocker, blocker_id = hold_mysql_lock(mysql_url)
+    observer = engine.connect()
     try:
-        waiter = project.start("upgrade", "head", MIGRATION_LOCK_TIMEOUT="30")
-        time.sleep(3)
+        waiter = project.start("upgrade", "head", MIGRATION_LOCK_TIMEOUT="60")
+        deadline = time.monotonic() + 60
+        while not observer.execute(
+            sa.text(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST "
+                "WHERE STATE = 'User lock' AND INFO LIKE '%GET_LOCK%' AND DB = DATABASE()"
+            )
+        ).scalar():
+            assert time.monotonic() < deadline, "the waiter never waited in GET_LOCK"
+            time.sleep(0.01)
         released_at = time.monotonic()
         blocker.close()
+        holder_id = None
+        while holder_id in (None, blocker_id) and time.monotonic() < released_at + 30:
+            holder_id = observer.execute(
+                sa.text("SELECT IS_USED_LOCK(:name)"), {"name": name}
+            ).scalar()
+            time.sleep(0.005)
+        handed_off = time.monotonic() - released_at
         output, _ = waiter.communicate(timeout=60)
-        finished_at = time.monotonic()
     finally:
+        observer.close()
         engine.dispose()
 
     assert waiter.returncode == 0, output
     assert "Waiting for mysql user lock" in output
-    # Migrating the three example revisions takes well under a second here;
-    # a fixed poll interval or a stale lock would show up as seconds.
-    assert finished_at - released_at < 3
-    assert read_state(mysql_url).versions == [EXAMPLE_HEAD]
+    assert holder_id not in (None, blocker_id)
+    # GET_LOCK wakes a waiter as soon as the lock is free; polling at a fixed
+    # interval of a second or more would show here.
+    assert handed_off < 1.0, handed_off
+    assert read_state(mysql_url).versions == ["5e4f1c6d3b45"]
 
 
 SLOW_REVISION = """

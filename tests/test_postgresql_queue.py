@@ -62,12 +62,14 @@ def hold_and_queue_two(
 
 
 def tickets(observer: Connection, lock: PostgresAdvisoryLock) -> dict[int, int]:
-    """Return {backend pid: ticket} of the sessions queued for ``lock``."""
+    """Return {backend pid: ticket} of the sessions queued for ``lock`` in this database."""
     with observer.begin():
         rows = observer.execute(
             sa.text(
                 "SELECT pid, objid FROM pg_catalog.pg_locks WHERE locktype = 'advisory' "
-                "AND objsubid = 2 AND classid = CAST(:queue AS oid) AND granted"
+                "AND objsubid = 2 AND classid = CAST(:queue AS oid) AND granted "
+                "AND database = (SELECT oid FROM pg_catalog.pg_database "
+                "WHERE datname = current_database())"
             ),
             {"queue": lock.queue_key},
         ).all()
