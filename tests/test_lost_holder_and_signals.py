@@ -119,7 +119,8 @@ def test_signal_while_waiting_for_lock(
     assert f"Stopped by {name}" in output
     assert "retrying" not in output
     assert "Traceback" not in output
-    assert stopped_after < 5
+    # Far less than the 60 s lock timeout, with room for a loaded machine.
+    assert stopped_after < 20
     assert read_state(pg_url).tables == set()
 
 
