@@ -192,11 +192,11 @@ def _lock_name(env: Mapping[str, str], name: str) -> str | None:
     raw = env.get(name)
     if raw is None:
         return None
-    if not raw.strip():
-        raise InvalidSettingError(
+    if not raw.strip() or raw != raw.strip():
+        raise _invalid(
             name, raw, "use a non-empty name, or unset it to name the lock after the version table"
         )
-    return raw.strip()
+    return raw
 
 
 def _table_name(env: Mapping[str, str], name: str, default: str) -> str:
@@ -217,9 +217,9 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default
     raw = env.get(name)
     if raw is None:
         return default
-    value = raw.strip().lower()
+    value = raw.lower()
     if value not in choices:
-        raise InvalidSettingError(name, raw, f"use one of {', '.join(choices)} (case-insensitive)")
+        raise _invalid(name, raw, f"use one of {', '.join(choices)} (case-insensitive)")
     return value
 
 
@@ -250,14 +250,14 @@ def _database_url(env: Mapping[str, str], name: str) -> str | None:
         "use a SQLAlchemy database URL such as postgresql://user@db-host:5432/app, "
         "or unset it to use the configured URL"
     )
-    if not raw.strip():
-        raise InvalidSettingError(name, raw, accepted)
-    try:
-        make_url(raw.strip())
-    except ArgumentError:
+    if not raw.strip() or raw != raw.strip():
         # The message must not echo a URL that may contain a password.
+        raise _invalid(name, without_password(raw), accepted)
+    try:
+        make_url(raw)
+    except ArgumentError:
         raise InvalidSettingError(name, without_password(raw), accepted) from None
-    return raw.strip()
+    return raw
 
 
 def without_password(raw: str) -> str:
@@ -274,9 +274,9 @@ def _lock_mode(env: Mapping[str, str], name: str, default: str) -> str:
     raw = env.get(name)
     if raw is None:
         return default
-    value = raw.strip().lower()
+    value = raw.lower()
     if value not in LOCK_MODES:
-        raise InvalidSettingError(
+        raise _invalid(
             name,
             raw,
             "use session (a session-level lock, the default) or transaction "

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 from ._errors import LockHolder
 
 LOCK_FILE_SUFFIX = ".alembic-sgp-lock"
-POLL_INTERVAL = (0.005, 0.025)
+POLL_INTERVAL = (0.003, 0.015)
 
 
 def database_path(connection: Connection) -> str | None:

@@ -192,6 +192,21 @@ def test_boolean_with_non_ascii_rejected(variable: str, value: str, character: s
     )
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "accepted"),
+    [
+        ("MIGRATION_LOCK_MODE", " transaction", "use session"),
+        ("MIGRATION_LOCK_MODE", "session\n", "use session"),
+        ("MIGRATION_ON_UNKNOWN_REVISION", "skip ", "use one of fail, skip"),
+        ("MIGRATION_ON_CHECKSUM_MISMATCH", "\tfail", "use one of"),
+        ("MIGRATION_LOCK_NAME", " deploy-lock", "use a non-empty name"),
+        ("MIGRATION_DATABASE_URL", "postgresql://app@db:5432/app\n", "SQLAlchemy database URL"),
+    ],
+)
+def test_text_setting_with_whitespace_rejected(variable: str, value: str, accepted: str) -> None:
+    assert_rejected(variable, value, accepted, "remove the whitespace around the value")
+
+
 @pytest.mark.parametrize("variable", ["MIGRATION_DDL_LOCK_TIMEOUT", "MIGRATION_STATEMENT_TIMEOUT"])
 @pytest.mark.parametrize("value", [" off", "off ", "\uff4f\uff46\uff46"])
 def test_server_timeout_off_exact_spelling(variable: str, value: str) -> None:
@@ -229,7 +244,7 @@ def test_production_settings_valid_values() -> None:
         {
             "MIGRATION_DDL_LOCK_TIMEOUT": "2.5",
             "MIGRATION_STATEMENT_TIMEOUT": "600",
-            "MIGRATION_DATABASE_URL": " postgresql://app@db-direct:5432/app ",
+            "MIGRATION_DATABASE_URL": "postgresql://app@db-direct:5432/app",
             "MIGRATION_LOCK_MODE": "Transaction",
         }
     )
