@@ -287,7 +287,9 @@ class PostgresAdvisoryLock:
         if state:
             description = f"state {state}"
             if query:
-                description += f", last statement {query.strip()!r}"
+                # One line, as the DDL blockers are logged, so a multi-line
+                # statement does not show as escaped line breaks.
+                description += f", last statement {' '.join(query.split())!r}"
         return LockHolder(
             pid=int(pid),
             application_name=application_name or None,

@@ -90,6 +90,9 @@ def test_lock_status_multiline_statement(tmp_path: Path, pg_url: str) -> None:
     assert "  statement: SELECT 'deploy step 7', 2 FROM pg_catalog.pg_class LIMIT 1" in lines, (
         as_text.stdout
     )
+    description = json.loads(as_json.stdout)["holder"]["description"]
+    assert "\\n" not in description
+    assert "'deploy step 7', 2 FROM pg_catalog.pg_class LIMIT 1" in description
 
 
 def queued_waiters(project: Project) -> list[dict[str, object]]:
