@@ -182,7 +182,8 @@ class _Options:
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as error:
             # ImportError: the URL names a driver that is not installed.
             raise InvalidConfigurationError(
-                f"The database URL {self.safe_url} cannot be used: {error}. {URL_SOURCES}"
+                f"The database URL {self.safe_url} cannot be used: {error}. "
+                f"{URL_SOURCES[0].upper()}{URL_SOURCES[1:]}"
             ) from error
 
 
