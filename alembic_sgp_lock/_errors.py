@@ -280,14 +280,23 @@ class PoolerTransactionModeError(MigrationLockError):
 class MigrationInterruptedError(MigrationLockError):
     """The process received SIGTERM or SIGINT and stopped the migration run."""
 
-    def __init__(self, signal_name: str, signal_number: int) -> None:
+    def __init__(self, signal_name: str, signal_number: int, *, waiting: bool = False) -> None:
         self.signal_name = signal_name
         self.signal_number = signal_number
-        super().__init__(
-            f"Stopped by {signal_name}. If this process held the migration lock, it was "
-            "released, and a revision that was running was rolled back unless it had "
-            "already committed. Run the upgrade again to finish."
-        )
+        #: True when the signal came while this process waited for the lock.
+        self.waiting = waiting
+        if waiting:
+            message = (
+                f"Stopped by {signal_name} while waiting for the migration lock; this process "
+                "changed nothing. Run the upgrade again to finish."
+            )
+        else:
+            message = (
+                f"Stopped by {signal_name}. If this process held the migration lock, it was "
+                "released, and a revision that was running was rolled back unless it had "
+                "already committed. Run the upgrade again to finish."
+            )
+        super().__init__(message)
 
 
 class LockModeError(MigrationLockError):

@@ -10,7 +10,12 @@ from sqlalchemy.engine import Connection
 
 from . import _compat
 from ._backend import LockBackend, backend_for
-from ._errors import LockReleaseError, LockTimeoutError, MigrationLockError
+from ._errors import (
+    LockReleaseError,
+    LockTimeoutError,
+    MigrationInterruptedError,
+    MigrationLockError,
+)
 from ._log import logger
 from ._process_lock import process_lock
 from ._settings import Settings
@@ -33,7 +38,6 @@ def _end_open_transaction(connection: Connection, what: str) -> None:
 def _acquire(backend: LockBackend, connection: Connection, timeout: float) -> None:
     """Wait up to ``timeout`` seconds for the lock."""
     started = time.monotonic()
-    give_up_at = started + timeout
     logger.info("Acquiring %s (timeout %.1f s)", backend.name, timeout)
     failed = True
     try:
@@ -53,28 +57,13 @@ def _acquire(backend: LockBackend, connection: Connection, timeout: float) -> No
                 backend.name, time.monotonic() - started, holder, timeout_seconds=0.0
             )
         logger.info("Waiting for %s, held by %s", backend.name, holder or JUST_RELEASED)
-        next_report = started + WAIT_REPORT_INTERVAL
-        while True:
-            now = time.monotonic()
-            if now >= give_up_at:
-                holder = backend.holder(connection)
-                raise LockTimeoutError(
-                    backend.name, now - started, holder, timeout_seconds=timeout
-                )
-            if now >= next_report:
-                holder = backend.holder(connection)
-                logger.info(
-                    "Still waiting for %s after %.1f s, held by %s",
-                    backend.name,
-                    now - started,
-                    holder or JUST_RELEASED,
-                )
-                next_report = now + WAIT_REPORT_INTERVAL
-            backend.wait(connection, give_up_at - now)
-            if backend.try_acquire(connection):
-                failed = False
-                _log_acquired(backend, started)
-                return
+        try:
+            _wait_and_acquire(backend, connection, started, timeout)
+        except MigrationInterruptedError as error:
+            raise MigrationInterruptedError(
+                error.signal_name, error.signal_number, waiting=True
+            ) from None
+        failed = False
     finally:
         # After the "Acquired" line, so that its time is the moment of the
         # acquisition and not of this clean-up's round trip.
@@ -85,6 +74,32 @@ def _acquire(backend: LockBackend, connection: Connection, timeout: float) -> No
             if not failed:
                 raise
             logger.debug("Could not stop waiting for %s", backend.name, exc_info=True)
+
+
+def _wait_and_acquire(
+    backend: LockBackend, connection: Connection, started: float, timeout: float
+) -> None:
+    """Wait for a release and try again until the lock is taken or ``timeout`` runs out."""
+    give_up_at = started + timeout
+    next_report = started + WAIT_REPORT_INTERVAL
+    while True:
+        now = time.monotonic()
+        if now >= give_up_at:
+            holder = backend.holder(connection)
+            raise LockTimeoutError(backend.name, now - started, holder, timeout_seconds=timeout)
+        if now >= next_report:
+            holder = backend.holder(connection)
+            logger.info(
+                "Still waiting for %s after %.1f s, held by %s",
+                backend.name,
+                now - started,
+                holder or JUST_RELEASED,
+            )
+            next_report = now + WAIT_REPORT_INTERVAL
+        backend.wait(connection, give_up_at - now)
+        if backend.try_acquire(connection):
+            _log_acquired(backend, started)
+            return
 
 
 def _log_acquired(backend: LockBackend, started: float) -> None:

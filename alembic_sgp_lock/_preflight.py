@@ -162,6 +162,18 @@ def run_checks(
     return PreflightReport(tuple(findings))
 
 
+def check_target(script: ScriptDirectory, target: str | None) -> None:
+    """Raise :class:`PreflightError` when ``target`` names no revision of the scripts.
+
+    It needs no database, so a command can reject a mistyped target before it
+    waits for the lock.
+    """
+    if target is None:
+        return
+    report = PreflightReport(tuple(_target_findings(script, target)))
+    report.raise_for_errors()
+
+
 def _target_findings(script: ScriptDirectory, target: str) -> Iterator[Finding]:
     if target in ("head", "heads", "base") or RELATIVE_TARGET.match(target):
         return

@@ -40,7 +40,7 @@ def stop_on_signals() -> Iterator[None]:
             logger.warning("Received %s while stopping; still cleaning up", name)
             return
         received.append(number)
-        logger.warning("Received %s: stopping the migration run and releasing the lock", name)
+        logger.warning("Received %s: stopping the migration run", name)
         raise MigrationInterruptedError(name, number)
 
     previous: dict[signal.Signals, Any] = {}

@@ -39,7 +39,7 @@ from ._exit_codes import exit_code_for
 from ._ledger import Ledger, checksum_findings
 from ._lock import hold_lock
 from ._log import logger
-from ._preflight import Finding, check_before_upgrade
+from ._preflight import Finding, check_before_upgrade, check_target
 from ._retry import Attempt, run_with_retries
 from ._settings import Settings
 from ._signals import stop_on_signals
@@ -210,6 +210,9 @@ class SgpCommandLine(CommandLine):
         attempt: Attempt,
     ) -> None:
         command = options.cmd[0].__name__
+        if command == "upgrade":
+            # Before the lock: a mistyped target must not wait behind a migration.
+            check_target(ScriptDirectory.from_config(config), getattr(options, "revision", None))
         if command == "upgrade" and settings.lock_enabled:
             heads = _heads_if_at_target(config, options, connection, own)
             if heads is not None:

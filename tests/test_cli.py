@@ -479,6 +479,23 @@ def test_command_preflight_without_hook(tmp_path: Path, sqlite_url: str) -> None
 
 
 @pytest.mark.postgresql
+def test_unknown_target_rejected_before_lock(tmp_path: Path, pg_url: str) -> None:
+    project = make_project(tmp_path, pg_url)
+    use_env(project, PLAIN_ENV)
+    engine, blocker = hold_lock(pg_url, "blocker-app")
+    try:
+        finished = run_cli(project, "upgrade", "nosuchrev", MIGRATION_LOCK_TIMEOUT="60")
+    finally:
+        blocker.close()
+        engine.dispose()
+
+    assert finished.returncode == 6, finished.output
+    assert "[unknown-target] The target revision 'nosuchrev'" in finished.stderr
+    assert "Acquiring " not in finished.output
+    assert read_state(pg_url).tables == set()
+
+
+@pytest.mark.postgresql
 @pytest.mark.parametrize(
     ("target", "takes_lock"),
     [

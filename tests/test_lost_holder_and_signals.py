@@ -116,7 +116,8 @@ def test_signal_while_waiting_for_lock(
     name = signal.Signals(stop_signal).name
     assert waiter.returncode != 0
     assert "Waiting for postgresql advisory lock" in output
-    assert f"Stopped by {name}" in output
+    assert f"Stopped by {name} while waiting for the migration lock" in output
+    assert "this process changed nothing" in output
     assert "retrying" not in output
     assert "Traceback" not in output
     # Far less than the 60 s lock timeout, with room for a loaded machine.
