@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from argparse import Namespace
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
@@ -57,12 +57,7 @@ def preflight(config: Config, target: str = "head", output_format: str = "text")
             target=target,
             on_unknown_revision=settings.on_unknown_revision,
         )
-        drift = checksum_findings(
-            connection,
-            Ledger(settings.ledger_table, options.version_table.schema, script),
-            rows,
-            settings.on_checksum_mismatch,
-        )
+        drift = ledger_drift(connection, script, rows, options, settings)
         marker = read_marker(
             connection,
             marker_table_name=settings.marker_table,
@@ -104,6 +99,18 @@ def preflight(config: Config, target: str = "head", output_format: str = "text")
         _write(config, "\n".join(lines))
     if status != ExitCode.OK:
         raise SystemExit(int(status))
+
+
+def ledger_drift(
+    connection: Connection,
+    script: ScriptDirectory,
+    rows: Sequence[str],
+    options: _Options,
+    settings: Settings,
+) -> list[Finding]:
+    """Return the ledger's ``checksum-mismatch`` findings for the applied revisions."""
+    book = Ledger(settings.ledger_table, options.version_table.schema, script)
+    return checksum_findings(connection, book, rows, settings.on_checksum_mismatch)
 
 
 def lock_status(config: Config, output_format: str = "text") -> None:

@@ -40,7 +40,7 @@ BASELINE = "baseline"
 ACCEPT = "accept"
 # Rows whose checksum states what the applied file contained.
 CHECKSUM_SOURCES = (UPGRADE, BASELINE, ACCEPT)
-# How a drift message names the event that recorded the checksum.
+# The words a drift message uses for the event that recorded the checksum.
 RECORDED_BY_WORDS = {
     UPGRADE: "applied",
     BASELINE: "recorded as a baseline",

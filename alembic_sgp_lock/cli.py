@@ -31,15 +31,15 @@ from ._commands import (
     clear_half_applied_command,
     connect_failure,
     ledger,
+    ledger_drift,
     lock_status,
     preflight,
 )
 from ._errors import MigrationLockError
 from ._exit_codes import exit_code_for
-from ._ledger import Ledger, checksum_findings
 from ._lock import hold_lock
 from ._log import logger
-from ._preflight import Finding, check_before_upgrade, check_target
+from ._preflight import check_before_upgrade, check_target
 from ._retry import Attempt, run_with_retries
 from ._settings import Settings
 from ._signals import stop_on_signals
@@ -245,7 +245,11 @@ class SgpCommandLine(CommandLine):
                     version_table=own.version_table,
                     target=getattr(options, "revision", None),
                     on_unknown_revision=settings.on_unknown_revision,
-                    more_findings=_checksum_drift(connection, script, rows, own, settings),
+                    more_findings=(
+                        ledger_drift(connection, script, rows, own, settings)
+                        if settings.ledger
+                        else []
+                    ),
                 ):
                     return
             # Retries cover connecting, locking and the checks. Once Alembic's
@@ -253,20 +257,6 @@ class SgpCommandLine(CommandLine):
             attempt.migrations_started = True
             attempt.transactional_ddl = False
             self._call(config, options)
-
-
-def _checksum_drift(
-    connection: Connection,
-    script: ScriptDirectory,
-    rows: tuple[str, ...],
-    own: _Options,
-    settings: Settings,
-) -> list[Finding]:
-    """Return the ledger's checksum findings, or none when the ledger is off."""
-    if not settings.ledger:
-        return []
-    book = Ledger(settings.ledger_table, own.version_table.schema, script)
-    return checksum_findings(connection, book, rows, settings.on_checksum_mismatch)
 
 
 def _heads_if_at_target(

@@ -188,11 +188,11 @@ def results_markdown(results: dict[str, Any]) -> str:
         ]
         for backend, data in results["handoff"].items():
             for mode, summary in data["milliseconds"].items():
-                held = _per_mode(data.get("max_waiters_holding_snapshot"), mode)
+                keeping = _per_mode(data.get("max_waiters_holding_snapshot"), mode)
                 seen = _per_mode(data.get("max_waiters_seen_with_snapshot"), mode)
                 lines.append(
                     f"| {backend} | {mode} | {summary['n']} | {summary['median']:.1f} "
-                    f"| {summary['p99']:.1f} | {summary['max']:.1f} | {held} | {seen} |"
+                    f"| {summary['p99']:.1f} | {summary['max']:.1f} | {keeping} | {seen} |"
                 )
         lines += [
             "",

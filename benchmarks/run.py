@@ -378,7 +378,7 @@ class Bench:
         )
         # Every waiter is now waiting: sample which of them have a snapshot. A
         # polling waiter has one for the microseconds of each try, so a sample
-        # can catch it; a waiter holds a snapshot while it waits when the same
+        # can catch it. A waiter keeps a snapshot while it waits when the same
         # one shows in two samples 50 ms apart.
         seen_count = held_count = 0
         previous: set[tuple[int, str]] = set()
@@ -487,11 +487,11 @@ def _ratio(seconds: dict[str, list[float]]) -> float:
     return _median(seconds["plugin"]) / _median(seconds["plain"])
 
 
-def _wait_for(condition: Any, timeout: float, what: str, interval: float = 0.01) -> None:
+def _wait_for(condition: Any, timeout: float, awaited: str, interval: float = 0.01) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {awaited}")
         time.sleep(interval)
 
 

@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from alembic_sgp_lock import Settings, migration_lock
-from tests.cli_support import PLAIN_ENV, run_cli, start_cli, use_env
+from tests.cli_support import PLAIN_ENV, CliFinished, run_cli, start_cli, use_env
 from tests.support import EXAMPLE_HEAD, EXAMPLE_REVISIONS, Project, make_project, read_state
 from tests.tcp_forwarder import free_port
 from tests.test_postgresql_upgrade import hold_lock
@@ -93,6 +93,18 @@ def test_lock_status_multiline_statement(tmp_path: Path, pg_url: str) -> None:
     description = json.loads(as_json.stdout)["holder"]["description"]
     assert "\\n" not in description
     assert "'deploy step 7', 2 FROM pg_catalog.pg_class LIMIT 1" in description
+
+
+def run_cli_while_locked(
+    pg_url: str, project: Project, *arguments: str, **settings: str
+) -> CliFinished:
+    """Run ``alembic-sgp-lock ARGUMENTS`` while a session named blocker-app holds the lock."""
+    engine, blocker = hold_lock(pg_url, "blocker-app")
+    try:
+        return run_cli(project, *arguments, **settings)
+    finally:
+        blocker.close()
+        engine.dispose()
 
 
 def queued_waiters(project: Project) -> list[dict[str, object]]:
@@ -207,14 +219,9 @@ def test_lock_status_sqlite_holder(tmp_path: Path, sqlite_url: str) -> None:
 @pytest.mark.postgresql
 def test_lock_timeout_exit_code(tmp_path: Path, pg_url: str) -> None:
     project = make_project(tmp_path, pg_url)
-    engine, blocker = hold_lock(pg_url, "blocker-app")
-    try:
-        finished = run_cli(
-            project, "upgrade", "head", MIGRATION_LOCK_TIMEOUT="1", MIGRATION_MAX_RETRIES="0"
-        )
-    finally:
-        blocker.close()
-        engine.dispose()
+    finished = run_cli_while_locked(
+        pg_url, project, "upgrade", "head", MIGRATION_LOCK_TIMEOUT="1", MIGRATION_MAX_RETRIES="0"
+    )
 
     assert finished.returncode == 4, finished.output
     assert "FAILED: Timed out after 1.0 s waiting for the migration lock" in finished.stderr
@@ -225,14 +232,9 @@ def test_lock_timeout_exit_code(tmp_path: Path, pg_url: str) -> None:
 @pytest.mark.postgresql
 def test_zero_lock_timeout_exit_code(tmp_path: Path, pg_url: str) -> None:
     project = make_project(tmp_path, pg_url)
-    engine, blocker = hold_lock(pg_url, "blocker-app")
-    try:
-        finished = run_cli(
-            project, "upgrade", "head", MIGRATION_LOCK_TIMEOUT="0", MIGRATION_MAX_RETRIES="0"
-        )
-    finally:
-        blocker.close()
-        engine.dispose()
+    finished = run_cli_while_locked(
+        pg_url, project, "upgrade", "head", MIGRATION_LOCK_TIMEOUT="0", MIGRATION_MAX_RETRIES="0"
+    )
 
     assert finished.returncode == 4, finished.output
     assert "FAILED: The migration lock postgresql advisory lock" in finished.stderr
@@ -245,19 +247,15 @@ def test_zero_lock_timeout_exit_code(tmp_path: Path, pg_url: str) -> None:
 @pytest.mark.postgresql
 def test_lock_timeout_after_retries_exit_code(tmp_path: Path, pg_url: str) -> None:
     project = make_project(tmp_path, pg_url)
-    engine, blocker = hold_lock(pg_url, "blocker-app")
-    try:
-        finished = run_cli(
-            project,
-            "upgrade",
-            "head",
-            MIGRATION_LOCK_TIMEOUT="1",
-            MIGRATION_MAX_RETRIES="1",
-            MIGRATION_RETRY_BACKOFF="50",
-        )
-    finally:
-        blocker.close()
-        engine.dispose()
+    finished = run_cli_while_locked(
+        pg_url,
+        project,
+        "upgrade",
+        "head",
+        MIGRATION_LOCK_TIMEOUT="1",
+        MIGRATION_MAX_RETRIES="1",
+        MIGRATION_RETRY_BACKOFF="50",
+    )
 
     assert finished.returncode == 4, finished.output
     assert "FAILED: Migration failed after 2 attempt(s)" in finished.stderr
@@ -425,14 +423,9 @@ def test_command_and_hook_lock_once(
 def test_command_locks_without_hook(tmp_path: Path, pg_url: str) -> None:
     project = make_project(tmp_path, pg_url)
     use_env(project, PLAIN_ENV)
-    engine, blocker = hold_lock(pg_url, "blocker-app")
-    try:
-        blocked = run_cli(
-            project, "upgrade", "head", MIGRATION_LOCK_TIMEOUT="1", MIGRATION_MAX_RETRIES="0"
-        )
-    finally:
-        blocker.close()
-        engine.dispose()
+    blocked = run_cli_while_locked(
+        pg_url, project, "upgrade", "head", MIGRATION_LOCK_TIMEOUT="1", MIGRATION_MAX_RETRIES="0"
+    )
     tables_while_blocked = read_state(pg_url).tables
     unblocked = run_cli(project, "upgrade", "head")
 
@@ -482,12 +475,9 @@ def test_command_preflight_without_hook(tmp_path: Path, sqlite_url: str) -> None
 def test_unknown_target_rejected_before_lock(tmp_path: Path, pg_url: str) -> None:
     project = make_project(tmp_path, pg_url)
     use_env(project, PLAIN_ENV)
-    engine, blocker = hold_lock(pg_url, "blocker-app")
-    try:
-        finished = run_cli(project, "upgrade", "nosuchrev", MIGRATION_LOCK_TIMEOUT="60")
-    finally:
-        blocker.close()
-        engine.dispose()
+    finished = run_cli_while_locked(
+        pg_url, project, "upgrade", "nosuchrev", MIGRATION_LOCK_TIMEOUT="60"
+    )
 
     assert finished.returncode == 6, finished.output
     assert "[unknown-target] The target revision 'nosuchrev'" in finished.stderr
@@ -511,14 +501,9 @@ def test_command_at_head_skips_lock(
     project = make_project(tmp_path, pg_url)
     use_env(project, PLAIN_ENV)
     assert run_cli(project, "upgrade", "head").returncode == 0
-    engine, blocker = hold_lock(pg_url, "blocker-app")
-    try:
-        finished = run_cli(
-            project, "upgrade", target, MIGRATION_LOCK_TIMEOUT="1", MIGRATION_MAX_RETRIES="0"
-        )
-    finally:
-        blocker.close()
-        engine.dispose()
+    finished = run_cli_while_locked(
+        pg_url, project, "upgrade", target, MIGRATION_LOCK_TIMEOUT="1", MIGRATION_MAX_RETRIES="0"
+    )
 
     assert read_state(pg_url).versions == [EXAMPLE_HEAD]
     if takes_lock:
